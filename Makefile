@@ -1,0 +1,51 @@
+# network3: `make demo` runs the main job, `make test` runs the tests. Both install from nothing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+PRESET ?= default
+EPOCHS ?=
+DEVICE ?= auto
+SEED ?= 0
+MODEL ?= models/$(PRESET).onnx
+PORT ?= 50051
+TRAIN_ARGS ?=
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install data train evaluate export serve classify demo test protos bench bench-train bench-export bench-serve bench-client soak fuzz clean
+
+# The stamp makes `install` idempotent: pip runs again only when pyproject.toml changes.
+install: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[train,dev]'
+	touch $@
+
+data: install
+	$(BIN)/network3-train data
+
+train: install
+	$(BIN)/network3-train train --preset $(PRESET) --device $(DEVICE) --seed $(SEED) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
+
+evaluate: install
+	$(BIN)/network3-train evaluate runs/$(PRESET)/best.pt
+
+test: install
+	$(PY) -m pytest -q
+
+bench: bench-train bench-export bench-serve bench-client
+
+bench-train: install
+	$(PY) benchmarks/bench_train.py --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE))
+
+clean:
+	rm -rf runs models demo/samples .pytest_cache
+
+# ---- export (ONNX) ----
+
+# ---- serving ----
+
+# ---- client and demo ----
+
+# ---- reliability ----
