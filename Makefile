@@ -45,6 +45,13 @@ clean:
 # ---- export (ONNX) ----
 
 # ---- serving ----
+PROTOS := protos/network3/v1/classifier.proto protos/inference/model_config.proto protos/inference/grpc_service.proto
+
+# Stubs are committed; tests/test_protos.py fails when they are stale.  Run from the repo root so
+# they import as `protos.network3.v1.classifier_pb2`.
+protos: install
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+
 
 # ---- client and demo ----
 
