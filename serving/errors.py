@@ -28,3 +28,35 @@ class Unavailable(Network3Error):
 
 class Unauthenticated(Network3Error):
     """Missing or wrong credentials."""
+
+
+class DeadlineExceeded(Network3Error):
+    """The request's deadline passed before it was computed (it is dropped, never run)."""
+
+
+class BadModel(Network3Error):
+    """A model file that cannot be served: missing, not ONNX, wrong inputs or outputs."""
+
+
+# The one mapping from domain errors to gRPC status codes (by name, so this module stays
+# importable without grpc: training imports serving.preprocess, which imports this).
+STATUS_NAMES: dict[type[Network3Error], str] = {
+    InvalidInput: "INVALID_ARGUMENT",
+    ModelNotFound: "NOT_FOUND",
+    Overloaded: "RESOURCE_EXHAUSTED",
+    Unavailable: "UNAVAILABLE",
+    Unauthenticated: "UNAUTHENTICATED",
+    DeadlineExceeded: "DEADLINE_EXCEEDED",
+    BadModel: "FAILED_PRECONDITION",
+}
+
+
+def grpc_status(exc: BaseException):
+    """(grpc.StatusCode, message) for an exception; anything not ours is INTERNAL."""
+    import grpc
+
+    for cls in type(exc).__mro__:
+        name = STATUS_NAMES.get(cls)
+        if name is not None:
+            return grpc.StatusCode[name], str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"

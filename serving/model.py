@@ -1,0 +1,146 @@
+"""OnnxModel: the ONNX file in onnxruntime, apart from any transport (KServe's load/ready/predict).
+
+The file is read once into memory: its sha256 is of exactly the bytes the session runs, and a
+file replaced while we serve changes nothing until a reload.  Everything the server needs to
+know about the model (labels, input contract, provenance) comes from the file's metadata_props.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import BadModel
+from .preprocess import INPUT_SHAPE
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("logits", "probabilities")
+CLASSES = 10
+
+
+@dataclass
+class ModelOptions:
+    intra_op_threads: int = 0  # 0: onnxruntime's default (one per core)
+    providers: tuple[str, ...] | None = None  # None: CUDA when present, else CPU
+    warmup_batch_sizes: tuple[int, ...] = (1, 8, 64)
+
+
+def default_providers() -> list[str]:
+    available = ort.get_available_providers()
+    chosen = [p for p in ("CUDAExecutionProvider",) if p in available]
+    return chosen + ["CPUExecutionProvider"]
+
+
+@dataclass
+class OnnxModel:
+    path: Path
+    options: ModelOptions = field(default_factory=ModelOptions)
+    sha256: str = ""
+    loaded_at: float = 0.0  # time.time() when the load finished
+    metadata: dict[str, str] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+    providers: list[str] = field(default_factory=list)
+    ready: bool = False
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        self._session: ort.InferenceSession | None = None
+        self._run = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def load(self) -> "OnnxModel":
+        """Read, check and open the file.  Raises BadModel with one clear line on any problem."""
+        try:
+            data = self.path.read_bytes()
+        except OSError as e:
+            raise BadModel(f"cannot read model {self.path}: {e.strerror or e}") from None
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = self.options.intra_op_threads
+        # Inference is called from the event loop thread (small batches) and executor threads
+        # (large ones); spinning intra-op threads would steal the cores gRPC needs.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = list(self.options.providers or default_providers())
+        try:
+            session = ort.InferenceSession(data, so, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types: one line is enough
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BadModel(f"{self.path} is not a loadable ONNX model: {first[:300]}") from None
+        self._check_signature(session)
+        self.metadata = dict(session.get_modelmeta().custom_metadata_map)
+        self.labels = self._read_labels()
+        self.providers = session.get_providers()
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self._session = session
+        # The binding's run skips the Python wrapper's per-call checks; we checked the signature.
+        run, names, options = session._sess.run, list(OUTPUT_NAMES), ort.RunOptions()
+        self._run = lambda x: run(names, {INPUT_NAME: x}, options)
+        self.loaded_at = time.time()
+        return self
+
+    def warmup(self) -> "OnnxModel":
+        """Run every warm-up batch size once (allocations, kernel choice) and check the output."""
+        for n in self.options.warmup_batch_sizes:
+            logits, probs = self.predict(np.zeros((n, *INPUT_SHAPE), np.float32))
+            if logits.shape != (n, CLASSES) or probs.shape != (n, CLASSES) or not np.isfinite(probs).all():
+                raise BadModel(f"{self.path}: warm-up produced {probs.shape} outputs or non-finite values")
+        self.ready = True
+        return self
+
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 [N, 1, 28, 28] in [0, 1] -> (logits [N, 10], probabilities [N, 10])."""
+        logits, probs = self._run(x)
+        return logits, probs
+
+    # -- what the file says about itself ----------------------------------------------------
+
+    def _check_signature(self, session: ort.InferenceSession) -> None:
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
+        where = str(self.path)
+        if set(inputs) != {INPUT_NAME}:
+            raise BadModel(f"{where}: expected one input named {INPUT_NAME!r}, found {sorted(inputs)}")
+        i = inputs[INPUT_NAME]
+        if i.type != "tensor(float)" or len(i.shape) != 4 or list(i.shape[1:]) != list(INPUT_SHAPE):
+            raise BadModel(f"{where}: input {INPUT_NAME!r} must be float32 [N, 1, 28, 28], found {i.type} {i.shape}")
+        for name in OUTPUT_NAMES:
+            o = outputs.get(name)
+            if o is None:
+                raise BadModel(f"{where}: missing output {name!r} (found {sorted(outputs)})")
+            if o.type != "tensor(float)" or len(o.shape) != 2 or o.shape[1] != CLASSES:
+                raise BadModel(f"{where}: output {name!r} must be float32 [N, 10], found {o.type} {o.shape}")
+
+    def _read_labels(self) -> list[str]:
+        raw = self.metadata.get("labels")
+        if raw is None:
+            return [str(i) for i in range(CLASSES)]
+        try:
+            labels = [str(v) for v in json.loads(raw)]
+        except (ValueError, TypeError):
+            raise BadModel(f"{self.path}: metadata 'labels' is not a JSON list") from None
+        if len(labels) != CLASSES:
+            raise BadModel(f"{self.path}: metadata 'labels' has {len(labels)} entries, expected {CLASSES}")
+        return labels
+
+    def describe(self) -> dict:
+        """Plain facts for ModelInfo / ModelMetadata / logs."""
+        return {
+            "path": os.fspath(self.path),
+            "sha256": self.sha256,
+            "loaded_at": self.loaded_at,
+            "providers": list(self.providers),
+            "labels": list(self.labels),
+            "metadata": dict(self.metadata),
+        }
+
+
+def load_model(path: str | os.PathLike, options: ModelOptions | None = None) -> OnnxModel:
+    """Load, check and warm up: the model returned is ready to serve."""
+    return OnnxModel(Path(path), options or ModelOptions()).load().warmup()

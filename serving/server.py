@@ -1,0 +1,308 @@
+"""`network3 serve`: both gRPC APIs over one batcher, with health, reflection, auth, TLS,
+limits, metrics, access log, graceful drain (SIGTERM/SIGINT) and model reload (SIGHUP).
+
+This module only wires things together; the work is in model.py, batcher.py and api/.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from protos.network3.v1 import classifier_pb2, classifier_pb2_grpc
+
+from .api.classifier import API as CLASSIFIER_API, ClassifierServicer
+from .api.common import MODEL_NAME, AccessLog, Limits, Serving
+from .api.inference import API as INFERENCE_API, InferenceServicer
+from .batcher import BatcherOptions, DynamicBatcher
+from .errors import BadModel
+from .metrics import Stats, start_metrics_server
+from .model import ModelOptions, load_model
+
+log = logging.getLogger("network3.server")
+
+SERVICES = (CLASSIFIER_API, INFERENCE_API)
+# Health and reflection stay open without a token: load balancers and grpcurl need them.
+OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+@dataclass
+class ServerOptions:
+    model: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    model_name: str = MODEL_NAME
+    batcher: BatcherOptions = field(default_factory=BatcherOptions)
+    limits: Limits = field(default_factory=Limits)
+    model_options: ModelOptions = field(default_factory=ModelOptions)
+    grace: float = 10.0
+    metrics_port: int | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    token_file: Path | None = None
+    access_log: bool = True
+
+
+class StartupError(Exception):
+    """The server cannot start as configured (token or TLS files, address); one clear line."""
+
+
+class TokenAuth(grpc.aio.ServerInterceptor):
+    """`authorization: Bearer <token>` on every call but health and reflection."""
+
+    def __init__(self, token: str, stats: Stats) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self._stats = stats
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(OPEN_METHODS):
+            return await continuation(details)
+        got = b""
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                got = value.encode() if isinstance(value, str) else value
+        if hmac.compare_digest(got, self._expected):  # constant time
+            return await continuation(details)
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        _, _, rest = details.method.partition("/")
+        api, _, method = rest.partition("/")
+        self._stats.method(api, method).record("UNAUTHENTICATED", 0, 0.0)
+        return _refuse(handler, "missing or wrong token: send `authorization: Bearer <token>`" if got
+                       else "missing token: send `authorization: Bearer <token>`")
+
+
+def _refuse(handler, message: str):
+    """A handler of the same kind as `handler` that answers UNAUTHENTICATED without reading."""
+    async def unary(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def streaming(request_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover  (makes this an async generator)
+
+    kind = (handler.request_streaming, handler.response_streaming)
+    make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}[kind]
+    return make(streaming if kind[1] else unary)
+
+
+class Network3Server:
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.stats = Stats()
+        self.port: int | None = None
+        self.draining = False
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._metrics = None
+        self._stopped = asyncio.Event()
+        self._reloading = False
+        self.serving: Serving | None = None
+
+    async def start(self) -> int:
+        o = self.options
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(None, load_model, o.model, o.model_options)
+        batcher = DynamicBatcher(model, o.batcher, self.stats)
+        access = AccessLog() if o.access_log else None
+        self.serving = Serving(batcher=batcher, stats=self.stats, limits=o.limits, model_name=o.model_name,
+                               access=access, is_ready=lambda: not self.draining and batcher.model.ready)
+        self.stats.model_info = lambda: {"name": o.model_name, "sha256": batcher.model.sha256,
+                                         "path": str(batcher.model.path), "loaded_at": batcher.model.loaded_at}
+        interceptors = []
+        if o.token_file is not None:
+            interceptors.append(TokenAuth(read_token(o.token_file), self.stats))
+        mb = o.limits.max_message_bytes
+        server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb),
+            ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+        ])
+        classifier_pb2_grpc.add_DigitClassifierServicer_to_server(ClassifierServicer(self.serving), server)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.serving), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"{o.host}:{o.port}"
+        try:
+            if o.tls_cert or o.tls_key:
+                self.port = server.add_secure_port(address, tls_credentials(o))
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError as e:  # grpc: "Failed to bind to address"
+            raise StartupError(f"cannot listen on {address}: {e}") from None
+        await server.start()
+        self._server = server
+        for name in ("", *SERVICES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if o.metrics_port is not None:
+            self._metrics = start_metrics_server(self.stats, o.metrics_port, o.host)
+        log.info("serving %s (sha256 %s, %s) as %r on %s:%d%s%s", model.path, model.sha256[:12],
+                 ",".join(model.providers), o.model_name, o.host, self.port, " with TLS" if o.tls_cert else "",
+                 f", metrics on :{self._metrics.server_port}/metrics" if self._metrics else "")
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: health NOT_SERVING, refuse new calls, let calls in flight finish (up to grace)."""
+        if self.draining:
+            return
+        self.draining = True
+        grace = self.options.grace if grace is None else grace
+        log.info("draining: refusing new calls, waiting up to %.1fs for calls in flight", grace)
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self.serving is not None:
+            self.serving.batcher.close()
+            if self.serving.access is not None:
+                self.serving.access.flush()
+            self.serving.decode_pool.shutdown(wait=False)
+        if self._metrics is not None:
+            self._metrics.shutdown()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    async def reload(self) -> bool:
+        """Load the model file again; swap only after it loaded and warmed up."""
+        if self._reloading or self.draining:
+            log.warning("reload ignored: %s", "a reload is running" if self._reloading else "shutting down")
+            return False
+        self._reloading = True
+        old = self.serving.batcher.model
+        try:
+            new = await asyncio.get_running_loop().run_in_executor(None, load_model, self.options.model,
+                                                                    self.options.model_options)
+        except BadModel as e:
+            log.error("reload failed, still serving sha256 %s: %s", old.sha256[:12], e)
+            return False
+        except Exception as e:  # never let a reload take the server down
+            log.error("reload failed, still serving sha256 %s: %s: %s", old.sha256[:12], type(e).__name__, e)
+            return False
+        finally:
+            self._reloading = False
+        self.serving.batcher.model = new  # batches already running finish on the old model
+        log.info("reloaded %s: sha256 %s -> %s", new.path, old.sha256[:12], new.sha256[:12])
+        return True
+
+
+def read_token(path: Path) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise StartupError(f"--token-file {path}: {e.strerror or e}") from None
+    if not token:
+        raise StartupError(f"--token-file {path} is empty")
+    return token
+
+
+def tls_credentials(o: ServerOptions) -> grpc.ServerCredentials:
+    if not (o.tls_cert and o.tls_key):
+        raise StartupError("TLS needs both --tls-cert and --tls-key")
+    try:
+        cert, key = Path(o.tls_cert).read_bytes(), Path(o.tls_key).read_bytes()
+        ca = Path(o.tls_client_ca).read_bytes() if o.tls_client_ca else None
+    except OSError as e:
+        raise StartupError(f"TLS: {e.filename}: {e.strerror}") from None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+async def serve(options: ServerOptions) -> int:
+    """Run until SIGTERM/SIGINT (drain, exit 0).  SIGHUP reloads the model."""
+    server = Network3Server(options)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task] = set()
+
+    def spawn(coro) -> None:
+        task = loop.create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: (log.info("%s received", signal.Signals(s).name),
+                                                    spawn(server.stop())))
+    loop.add_signal_handler(signal.SIGHUP, lambda: (log.info("SIGHUP received: reloading"), spawn(server.reload())))
+    print(f"network3 serving on {options.host}:{server.port}", file=sys.stderr, flush=True)
+    await server.wait()
+    return 0
+
+
+# ------------------------------------------------------------------------------------ CLI --
+
+@click.command("serve", context_settings={"max_content_width": 100, "show_default": True})
+@click.option("--model", "model", required=True, envvar="NETWORK3_MODEL", type=click.Path(dir_okay=False, path_type=Path),
+              help="The ONNX file to serve (from `network3-train export`).")
+@click.option("--host", default="127.0.0.1", envvar="NETWORK3_HOST", help="Address to bind; loopback unless you say otherwise.")
+@click.option("--port", default=50051, type=click.IntRange(0, 65535), envvar="NETWORK3_PORT", help="Port to bind (0: any free port).")
+@click.option("--model-name", default=MODEL_NAME, help="The model's name on the v2 inference API.")
+@click.option("--max-batch-size", default=256, type=click.IntRange(1), help="Images per onnxruntime call at most.")
+@click.option("--max-queue-delay-us", default=0, type=click.IntRange(0),
+              help="Wait this long after the oldest queued request for a fuller batch (0: take what is queued, never wait).")
+@click.option("--max-queue-size", default=4096, type=click.IntRange(1),
+              help="Images allowed to wait; beyond it requests get RESOURCE_EXHAUSTED at once.")
+@click.option("--instances", default=1, type=click.IntRange(1), help="Batches computed in parallel (executor threads).")
+@click.option("--batching/--no-batching", default=True, help="--no-batching runs each request on its own (for comparison).")
+@click.option("--inline-max-images", default=8, type=click.IntRange(0),
+              help="Batches up to this many images run on the event loop thread; larger ones in executor threads.")
+@click.option("--intra-op-threads", default=1, type=click.IntRange(0),
+              help="onnxruntime threads per call (0: one per core).  1 leaves the other cores to gRPC and other batches.")
+@click.option("--max-message-bytes", default=64 * 1024 * 1024, type=click.IntRange(1024), help="gRPC message size limit, both directions.")
+@click.option("--max-images-per-request", default=1024, type=click.IntRange(1), help="More images in one request are refused.")
+@click.option("--max-pixels", default=40_000_000, type=click.IntRange(1), help="Largest decoded image (width x height): no decompression bombs.")
+@click.option("--grace", default=10.0, type=click.FloatRange(0), help="On SIGTERM/SIGINT, seconds calls in flight get to finish.")
+@click.option("--metrics-port", default=None, type=click.IntRange(0, 65535), envvar="NETWORK3_METRICS_PORT",
+              help="Serve Prometheus metrics on this port at /metrics (off unless given).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), help="PEM certificate chain: serve TLS.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), help="PEM private key for --tls-cert.")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False, path_type=Path),
+              help="PEM CA bundle: require client certificates signed by it (mutual TLS).")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), envvar="NETWORK3_TOKEN_FILE",
+              help="File holding a token every call but health and reflection must send as `authorization: Bearer <token>`.")
+@click.option("--access-log/--no-access-log", default=True, help="One line per RPC on stderr: id, method, status, images, latency.")
+@click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="Log level of the server's own messages.")
+def serve_command(model, host, port, model_name, max_batch_size, max_queue_delay_us, max_queue_size, instances,
+                  batching, inline_max_images, intra_op_threads, max_message_bytes, max_images_per_request, max_pixels,
+                  grace, metrics_port, tls_cert, tls_key, tls_client_ca, token_file, access_log, log_level):
+    """Serve an ONNX model over gRPC: network3.v1.DigitClassifier and the Triton/KServe v2 API."""
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if tls_client_ca and not tls_cert:
+        raise click.UsageError("--tls-client-ca needs --tls-cert and --tls-key")
+    options = ServerOptions(
+        model=model, host=host, port=port, model_name=model_name,
+        batcher=BatcherOptions(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+                               max_queue_size=max_queue_size, instances=instances, batching=batching,
+                               inline_max=inline_max_images),
+        limits=Limits(max_images_per_request=max_images_per_request, max_pixels=max_pixels,
+                      max_message_bytes=max_message_bytes),
+        model_options=ModelOptions(intra_op_threads=intra_op_threads),
+        grace=grace, metrics_port=metrics_port, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
+        token_file=token_file, access_log=access_log,
+    )
+    try:
+        code = asyncio.run(serve(options))
+    except (BadModel, StartupError) as e:  # missing/corrupt model, bad TLS or token file, port taken: one line
+        raise click.ClickException(str(e)) from None
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    serve_command()
