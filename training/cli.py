@@ -124,6 +124,49 @@ def evaluate(model: Path, device: str, as_json: bool, data_dir: Path | None) -> 
     click.echo(json.dumps(result) if as_json else format_report(result))
 
 
+@cli.command()
+@click.argument("checkpoints", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The .onnx file to write; written only once every check has passed.")
+@click.option("--opset", type=click.IntRange(min=18),
+              help="ONNX opset (18 or later) [default: the exporter's own].")
+@click.option("--quantize", type=click.Choice(["int8"]),
+              help="Static int8 quantization calibrated on training images; refused if test accuracy "
+                   "drops more than 0.1 percentage point below float32's.")
+@click.option("--triton-repo", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write a Triton model repository: DIR/network3/config.pbtxt and DIR/network3/1/model.onnx.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="As for `data`.")
+@click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
+def export(checkpoints, out, opset, quantize, triton_repo, data_dir, as_json) -> None:
+    """Export CHECKPOINT(s) to ONNX, checked against PyTorch on the test set (several: one ensemble)."""
+    from .data import DataError, load
+    from .export import ExportError, export_onnx
+    say = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
+    try:
+        d = load(data_dir, verbose=not as_json)
+        r = export_onnx(list(checkpoints), out, opset=opset, quantize=quantize, triton_repo=triton_repo,
+                        data=d, log=say)
+    except (DataError, ExportError, OSError, ValueError) as e:  # ExportError: refused, nothing written
+        raise _fail(e)
+    if as_json:
+        click.echo(json.dumps(r))
+        return
+    p = r["parity"]
+    click.echo(f"{out}: {r['size_bytes']:,} bytes, opset {r['opset']}, {r['members']} net(s), "
+               f"test accuracy {r['test_accuracy']:.4f}")
+    click.echo(f"parity with PyTorch on {p['images']:,} images: {p['argmax_mismatches']} argmax mismatches, "
+               f"max |probability difference| {p['max_abs_diff_probabilities']:.2g}")
+    if "int8" in r:
+        q = r["int8"]
+        click.echo(f"int8 vs float32: accuracy {q['test_accuracy']:.4f} vs {q['float32_test_accuracy']:.4f}, "
+                   f"size {q['size_bytes']['int8']:,} vs {q['size_bytes']['float32']:,} bytes, "
+                   f"batch 256 {q['images_per_s_batch256']['int8']:,} vs {q['images_per_s_batch256']['float32']:,} "
+                   f"images/s")
+    if "triton_repo" in r:
+        click.echo(f"Triton model repository: {r['triton_repo']}")
+
+
 def main() -> None:
     cli(prog_name="network3-train")
 

@@ -190,10 +190,14 @@ def to_onnx(module: nn.Module, opset: int | None) -> onnx.ModelProto:
     # The exporter warns once per missing torchvision op; we use none of them.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    program = torch.onnx.export(
-        module.eval(), (torch.zeros(2, *CONTRACT["shape"][1:]),), dynamo=True, opset_version=opset,
-        input_names=[CONTRACT["name"]], output_names=list(OUTPUTS), dynamic_shapes={"images": {0: batch}},
-        external_data=False, verbose=False)
+    try:
+        program = torch.onnx.export(
+            module.eval(), (torch.zeros(2, *CONTRACT["shape"][1:]),), dynamo=True, opset_version=opset,
+            input_names=[CONTRACT["name"]], output_names=list(OUTPUTS), dynamic_shapes={"images": {0: batch}},
+            external_data=False, verbose=False)
+    except Exception as e:  # the exporter's many error types: one line for the CLI
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ExportError(f"torch.onnx.export failed: {first[:300]}") from e
     return program.model_proto
 
 
