@@ -261,6 +261,7 @@ def fit(cfg: Config, opts: RunOptions, mnist: data_mod.Mnist | None = None) -> d
             break
 
     report = _report(cfg, opts, mnist, device, out, history, best, train_seconds, reached)
+    report["history"] = history  # returned to callers (bench-train), not written to report.json
     return report
 
 

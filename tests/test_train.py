@@ -1,0 +1,145 @@
+"""Real training runs: accuracy, the files a run writes, resume, evaluation and the CLI's errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from training import train as train_mod
+from training.cli import cli
+from training.presets import get
+from training.train import RunOptions, fit, load_checkpoint
+
+
+def test_default_on_5000_images_one_epoch(tmp_path, mnist):
+    report = fit(get("default", epochs=1), RunOptions(out=tmp_path, device="cpu", limit_train=5000, quiet=True), mnist)
+    assert report["test_accuracy"] >= 0.90
+    assert {p.name for p in tmp_path.iterdir()} >= {"best.pt", "last.pt", "metrics.jsonl", "report.json",
+                                                     "curves.png", "errors.png"}
+    saved = json.loads((tmp_path / "report.json").read_text())
+    for key in ("preset", "config", "epochs", "best_epoch", "val_accuracy", "test_accuracy", "per_digit_accuracy",
+                "confusion", "train_seconds", "device", "data_sha256"):
+        assert key in saved
+    assert saved["val_accuracy"] is None  # default trains on train+val: no validation set to report
+    assert np.array(saved["confusion"]).sum() == 10_000 and np.array(saved["confusion"]).shape == (10, 10)
+    assert all(0 <= a <= 1 for a in saved["per_digit_accuracy"])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]
+    assert set(rows[0]) == {"epoch", "lr", "train_loss", "train_accuracy", "val_accuracy", "test_accuracy", "seconds"}
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_best_checkpoint_follows_validation(tmp_path, mnist):
+    cfg = get("nielsen-relu", epochs=2, batch_size=50, lr=0.1)
+    report = fit(cfg, RunOptions(out=tmp_path, device="cpu", limit_train=3000, plots=False, quiet=True), mnist)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    best = max(rows, key=lambda r: r["val_accuracy"])
+    assert report["best_epoch"] == best["epoch"]
+    assert report["val_accuracy"] == best["val_accuracy"]
+    _, ckpt = load_checkpoint(tmp_path / "best.pt")
+    assert ckpt["epoch"] == best["epoch"] and ckpt["data_sha256"] == mnist.data_sha256
+
+
+def test_checkpoint_rebuilds_from_its_config_and_matches_evaluate(checkpoint, mnist):
+    from training.evaluate import evaluate, torch_predict
+    model, ckpt = load_checkpoint(checkpoint)
+    assert ckpt["config"]["preset"] == "default"
+    result = evaluate(torch_predict(model), mnist.test_x, mnist.test_y)
+    assert result["accuracy"] == pytest.approx(ckpt["test_accuracy"], abs=1e-9)
+    assert result["accuracy"] > 0.97  # one epoch of default on 60,000 images
+
+
+def test_resume_after_interruption_gives_the_same_weights(tmp_path, mnist, monkeypatch):
+    cfg = get("default", epochs=3, batch_size=64)
+    opts = dict(device="cpu", limit_train=1280, plots=False, quiet=True, seed=3)
+    fit(cfg, RunOptions(out=tmp_path / "straight", **opts), mnist)
+
+    # Interrupt the second run mid-way through epoch 2 (step 30 of 60), as Ctrl-C or a kill would.
+    real_step, calls = torch.optim.lr_scheduler.OneCycleLR.step, []
+
+    def step(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 30:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.OneCycleLR, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, RunOptions(out=tmp_path / "resumed", **opts), mnist)
+    monkeypatch.setattr(torch.optim.lr_scheduler.OneCycleLR, "step", real_step)
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["epoch"] == 1
+    fit(cfg, RunOptions(out=tmp_path / "resumed", resume=True, **opts), mnist)
+
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert (tmp_path / "straight" / "metrics.jsonl").read_text().count("\n") == 3
+    assert [json.loads(l)["test_accuracy"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()] == \
+           [json.loads(l)["test_accuracy"] for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_refuses_a_different_config(tmp_path, mnist):
+    opts = dict(device="cpu", limit_train=640, plots=False, quiet=True)
+    fit(get("default", epochs=1, batch_size=64), RunOptions(out=tmp_path, **opts), mnist)
+    with pytest.raises(ValueError, match="config differs"):
+        fit(get("default", epochs=2, batch_size=64), RunOptions(out=tmp_path, resume=True, **opts), mnist)
+
+
+def test_target_accuracy_stops_early_and_counts_only_training_time(tmp_path, mnist):
+    cfg = get("default", epochs=2, eval_every=0.25)
+    report = fit(cfg, RunOptions(out=tmp_path, device="cpu", limit_train=4000, plots=False, quiet=True,
+                                 target_accuracy=0.5), mnist)
+    reached = report["target_reached"]
+    assert reached and reached["test_accuracy"] >= 0.5 and reached["epoch"] <= 1
+    assert 0 < reached["train_seconds"]
+
+
+def test_cli_trains_and_evaluates(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    res = runner.invoke(cli, ["train", "--preset", "default", "--epochs", "1", "--limit-train", "2000",
+                              "--device", "cpu", "--out", str(out), "--no-plots"])
+    assert res.exit_code == 0, res.output
+    assert "test accuracy" in res.output
+    res = runner.invoke(cli, ["evaluate", str(out / "best.pt"), "--json"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.output.strip().splitlines()[-1])
+    assert result["accuracy"] == json.loads((out / "report.json").read_text())["test_accuracy"]
+    assert np.array(result["confusion"]).sum() == 10_000
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["train", "--preset", "nope"], 2, "unknown preset 'nope'"),
+    (["train", "--epochs", "0"], 2, "--epochs"),
+    (["train", "--device", "tpu"], 2, "--device"),
+    (["evaluate", "/does/not/exist.pt"], 2, "does not exist"),
+])
+def test_cli_usage_errors(args, code, message):
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == code
+    assert message in res.output
+
+
+def test_cli_bad_checkpoint_is_one_line(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    res = CliRunner().invoke(cli, ["evaluate", str(bad)])
+    assert res.exit_code == 1
+    assert "not a network3 checkpoint" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_cuda_without_a_gpu(tmp_path):
+    res = CliRunner().invoke(cli, ["train", "--device", "cuda", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "no CUDA device" in res.output
+
+
+def test_cli_lists_presets():
+    res = CliRunner().invoke(cli, ["train", "--list"])
+    assert res.exit_code == 0
+    assert "nielsen-dropout" in res.output and "blog" in res.output
