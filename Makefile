@@ -43,6 +43,17 @@ clean:
 	rm -rf runs models demo/samples .pytest_cache
 
 # ---- export (ONNX) ----
+# The checked ONNX file from the preset's best checkpoint; QUANTIZE=int8 and TRITON_REPO=DIR pass through.
+QUANTIZE ?=
+TRITON_REPO ?=
+export: install
+	@test -f runs/$(PRESET)/best.pt || { echo "runs/$(PRESET)/best.pt: no checkpoint; run 'make train PRESET=$(PRESET)' first" >&2; exit 1; }
+	$(BIN)/network3-train export runs/$(PRESET)/best.pt -o $(MODEL) $(if $(QUANTIZE),--quantize $(QUANTIZE)) $(if $(TRITON_REPO),--triton-repo $(TRITON_REPO))
+
+# onnxruntime float32/int8 vs PyTorch eager, images/s at batch 1, 64, 256 (quiet machine only).
+bench-export: install
+	@test -f runs/$(PRESET)/best.pt || { echo "runs/$(PRESET)/best.pt: no checkpoint; run 'make train PRESET=$(PRESET)' first" >&2; exit 1; }
+	$(PY) benchmarks/bench_export.py --checkpoint runs/$(PRESET)/best.pt
 
 # ---- serving ----
 PROTOS := protos/network3/v1/classifier.proto protos/inference/model_config.proto protos/inference/grpc_service.proto
