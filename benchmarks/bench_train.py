@@ -1,0 +1,71 @@
+"""bench-train: training seconds for `default` and `blog` to first reach 98.9% test accuracy.
+
+Both run in one process on the same machine; test accuracy is measured every tenth of an
+epoch with the clock stopped, so only training time counts.  `blog` may stop short of the
+target (its recipe peaks near 98.9%): then its time to its best accuracy is used, and said.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from training.data import load  # noqa: E402
+from training.presets import get  # noqa: E402
+from training.train import RunOptions, fit  # noqa: E402
+
+
+def time_to(preset: str, target: float, device: str, seed: int, mnist, max_epochs: int | None) -> dict:
+    cfg = get(preset, eval_every=0.1, epochs=max_epochs)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = fit(cfg, RunOptions(out=Path(tmp), device=device, seed=seed, plots=False, quiet=False,
+                                     target_accuracy=target), mnist)
+    points = [r for r in report["history"] if r.get("test_accuracy") is not None]
+    hit = report["target_reached"]
+    best = max(points, key=lambda r: r["test_accuracy"])
+    row = hit or best
+    return {"preset": preset, "reached": bool(hit), "accuracy": row["test_accuracy"], "epoch": round(row["epoch"], 2),
+            "train_seconds": row["train_seconds"], "device": report["device"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--target", type=float, default=0.989)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--presets", default="default,blog")
+    ap.add_argument("--blog-epochs", type=int, default=None, help="Cap blog's epochs (default: its 30).")
+    ap.add_argument("--json", type=Path, default=Path("bench-results/train.json"))
+    args = ap.parse_args()
+    mnist = load(verbose=False)
+    rows = []
+    for preset in args.presets.split(","):
+        cap = args.blog_epochs if preset == "blog" else None
+        rows.append(time_to(preset, args.target, args.device, args.seed, mnist, cap))
+        print(json.dumps(rows[-1]), flush=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores" + (
+        f", {torch.cuda.get_device_name()}" if args.device == "cuda" else "")
+    print(f"\nbench-train {datetime.date.today()} on {machine}, torch {torch.__version__}, target {args.target:.3f}\n")
+    print("| preset | device | reached | test accuracy | epoch | training seconds |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['preset']} | {r['device']} | {'yes' if r['reached'] else 'no (best)'} | {r['accuracy']:.4f} "
+              f"| {r['epoch']} | {r['train_seconds']:.2f} |")
+    by = {r["preset"]: r for r in rows}
+    if "default" in by and "blog" in by:
+        print(f"\nspeed-up default vs blog: {by['blog']['train_seconds'] / by['default']['train_seconds']:.1f}x")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"date": str(datetime.date.today()), "machine": machine, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
