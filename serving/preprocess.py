@@ -70,6 +70,8 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         im = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as e:
         raise Overloaded(f"image too large: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise InvalidInput(f"not an image in a known format ({', '.join(FORMATS)})") from None
     except Exception as e:  # Pillow raises many types for malformed headers
         raise InvalidInput(f"not a decodable image ({', '.join(FORMATS)}): {_why(e)}") from None
     w, h = im.size
