@@ -265,7 +265,7 @@ class DynamicBatcher:
             if not e.fut.done():
                 e.fut.set_exception(Unavailable("server is shutting down"))
         self._queued = 0
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=False)  # a batch still running finishes and is delivered
 
 
 def _timed_predict(model, x):

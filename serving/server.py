@@ -161,9 +161,17 @@ class Network3Server:
         self.draining = True
         grace = self.options.grace if grace is None else grace
         log.info("draining: refusing new calls, waiting up to %.1fs for calls in flight", grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         await self._health.enter_graceful_shutdown()
+        if self.serving is not None:
+            # Our handlers answer new calls UNAVAILABLE (clients retry that; grpc's own refusal
+            # after server.stop() is CANCELLED) while the calls in flight finish.
+            self.serving.draining = True
+            while self.serving.inflight and loop.time() < deadline:
+                await asyncio.sleep(0.005)
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(max(0.0, deadline - loop.time()))
         if self.serving is not None:
             self.serving.batcher.close()
             if self.serving.access is not None:
@@ -173,6 +181,10 @@ class Network3Server:
             self._metrics.shutdown()
         log.info("stopped")
         self._stopped.set()
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._metrics.server_port if self._metrics is not None else None
 
     async def wait(self) -> None:
         await self._stopped.wait()

@@ -18,7 +18,7 @@ from typing import Callable
 import grpc
 
 from ..batcher import DynamicBatcher
-from ..errors import Network3Error, grpc_status
+from ..errors import Network3Error, Unavailable, grpc_status
 from ..metrics import MethodStats, Stats
 
 log = logging.getLogger("network3.server")
@@ -45,6 +45,8 @@ class Serving:
     model_name: str = MODEL_NAME
     model_version: str = MODEL_VERSION
     access: "AccessLog | None" = None
+    draining: bool = False  # set on SIGTERM: new calls get UNAVAILABLE, calls in flight finish
+    inflight: int = 0  # RPCs inside a wrapper now (the drain waits for 0)
     decode_pool: Executor = field(default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="network3-decode"))
     is_ready: Callable[[], bool] = lambda: True
 
@@ -75,14 +77,18 @@ class AccessLog:
         self._timer: asyncio.TimerHandle | None = None
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}-"
+        self._second, self._stamp = -1, ""
 
     def new_id(self) -> str:
         return f"{self._prefix}{next(self._ids)}"
 
-    def write(self, rid: str, method: str, code: str, images: int, seconds: float, peer: str = "") -> None:
+    def write(self, rid: str, method: str, code: str, images: int, seconds: float) -> None:
         t = time.time()
-        self._lines.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(t))}.{int(t * 1000) % 1000:03d}Z access "
-                           f"id={rid} method={method} code={code} images={images} ms={seconds * 1000:.3f}{peer}\n")
+        second = int(t)
+        if second != self._second:  # strftime once a second, not once a line
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        self._lines.append(f"{self._stamp}.{int((t - second) * 1000):03d}Z access id={rid} method={method} "
+                           f"code={code} images={images} ms={seconds * 1000:.3f}\n")
         if self._timer is None:
             try:
                 self._timer = asyncio.get_running_loop().call_later(self.flush_s, self.flush)
@@ -118,7 +124,10 @@ def unary(serving: Serving, api: str, method: str, fn, count: Callable, model_ca
     async def handler(request, context):
         t0 = now()
         code = "OK"
+        serving.inflight += 1
         try:
+            if serving.draining:
+                raise Unavailable("server is shutting down: retry on another replica")
             return await fn(request, context)
         except Network3Error as e:
             status, message = grpc_status(e)
@@ -135,6 +144,7 @@ def unary(serving: Serving, api: str, method: str, fn, count: Callable, model_ca
             code = "INTERNAL"
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(e).__name__}")
         finally:
+            serving.inflight -= 1
             dt = now() - t0
             try:
                 images = count(request)
@@ -144,7 +154,8 @@ def unary(serving: Serving, api: str, method: str, fn, count: Callable, model_ca
             if model_call:
                 stats.record_model_request(code == "OK", dt)
             if access is not None:
-                rid = (rid_of(request) if rid_of else None) or _request_id(context) or access.new_id()
+                # v2 requests carry their own id; ours may send x-request-id metadata.
+                rid = (rid_of(request) or access.new_id()) if rid_of else (_request_id(context) or access.new_id())
                 access.write(rid, full, code, images, dt)
 
     return handler
@@ -163,7 +174,10 @@ def stream(serving: Serving, api: str, method: str, fn):
         t0 = now()
         code = "OK"
         tally = [0, 0]
+        serving.inflight += 1
         try:
+            if serving.draining:
+                raise Unavailable("server is shutting down: retry on another replica")
             async for response in fn(request_iterator, context, tally):
                 yield response
         except Network3Error as e:
@@ -181,6 +195,7 @@ def stream(serving: Serving, api: str, method: str, fn):
             code = "INTERNAL"
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(e).__name__}")
         finally:
+            serving.inflight -= 1
             dt = now() - t0
             ms.record(code, tally[1], dt)
             if access is not None:

@@ -1,0 +1,159 @@
+"""Serving fixtures: real servers on loopback ports, real MNIST digits.
+
+`ThreadServer` runs the real Network3Server on its own event loop in a background thread, so
+a test talks to it over gRPC like any client and can still read its counters.  `ProcessServer`
+starts `python -m serving.server` as a subprocess, for signals (SIGTERM, SIGHUP) and for
+tritonclient, whose generated `inference.*` messages cannot share a process with ours.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def digits(mnist):
+    """The first 64 MNIST test digits: (uint8 [64, 28, 28], labels [64])."""
+    return mnist.test_x[:64], mnist.test_y[:64].astype(int)
+
+
+def png(pixels: np.ndarray, **kw) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+class ThreadServer:
+    def __init__(self, options) -> None:
+        from serving.server import Network3Server
+
+        self.options = options
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-server")
+        self.thread.start()
+        self.server = Network3Server(options)
+        self.port = self.call(self.server.start())
+        self.address = f"127.0.0.1:{self.port}"
+
+    def call(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def stats(self):
+        return self.server.stats
+
+    def channel(self, **kw) -> grpc.Channel:
+        return grpc.insecure_channel(self.address, **kw)
+
+    def close(self) -> None:
+        self.call(self.server.stop(grace=5))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@contextmanager
+def thread_server(model: Path, **kw):
+    """A real server for one test: ServerOptions fields and BatcherOptions/Limits as dicts."""
+    from serving.api.common import Limits
+    from serving.batcher import BatcherOptions
+    from serving.model import ModelOptions
+    from serving.server import ServerOptions
+
+    batcher = BatcherOptions(**kw.pop("batcher", {}))
+    limits = Limits(**kw.pop("limits", {}))
+    options = ServerOptions(model=Path(model), port=0, batcher=batcher, limits=limits,
+                            model_options=ModelOptions(intra_op_threads=1), access_log=kw.pop("access_log", False), **kw)
+    server = ThreadServer(options)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def server(onnx_model):
+    """One shared server for the many small tests: small limits so they are cheap to hit."""
+    with thread_server(onnx_model, metrics_port=0, access_log=True,
+                       limits={"max_pixels": 1_000_000, "max_message_bytes": 4 * 1024 * 1024,
+                               "max_images_per_request": 256}) as s:
+        yield s
+
+
+class ProcessServer:
+    """`python -m serving.server ...` with stderr in a file; the port comes from its first line."""
+
+    def __init__(self, model: Path, *args: str, log: Path, env: dict | None = None, timeout: float = 60) -> None:
+        self.log_path = log
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "serving.server", "--model", str(model), "--port", "0",
+             "--intra-op-threads", "1", *args],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._log, env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(r"network3 serving on 127\.0\.0\.1:(\d+)", self.log())
+            if m:
+                self.port = int(m.group(1))
+                self.address = f"127.0.0.1:{self.port}"
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"server did not start in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern: str, timeout: float = 30) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.log())
+            if m:
+                return m
+            time.sleep(0.05)
+        raise AssertionError(f"{pattern!r} not in the server log within {timeout}s:\n{self.log()}")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def process_server(onnx_model, tmp_path):
+    """Factory: process_server(*cli_args, model=...) -> ProcessServer, killed after the test."""
+    started = []
+
+    def start(*args: str, model: Path | None = None) -> ProcessServer:
+        s = ProcessServer(model or onnx_model, *args, log=tmp_path / f"server{len(started)}.log")
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.kill()

@@ -1,0 +1,208 @@
+"""DynamicBatcher with the real exported model on real MNIST digits.
+
+To make "a batch is running" deterministic, some tests wrap the real model in `Gated`, whose
+predict waits for an Event before computing: requests that arrive meanwhile queue up.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serving.batcher import BatcherOptions, DynamicBatcher
+from serving.errors import DeadlineExceeded, Overloaded, Unavailable
+from serving.metrics import Stats
+from serving.model import ModelOptions, load_model
+from serving.preprocess import pixels_to_input
+
+
+@pytest.fixture(scope="module")
+def model(onnx_model):
+    return load_model(onnx_model, ModelOptions(intra_op_threads=1))
+
+
+@pytest.fixture(scope="module")
+def x(mnist):
+    return pixels_to_input(mnist.test_x[:300])
+
+
+class Gated:
+    """The real model; predict blocks until `gate` is set, and records its batch sizes."""
+
+    def __init__(self, model) -> None:
+        self.model, self.gate, self.sizes = model, threading.Event(), []
+        self.started = threading.Event()
+
+    def predict(self, x):
+        self.started.set()
+        assert self.gate.wait(30), "test never opened the gate"
+        self.sizes.append(len(x))
+        return self.model.predict(x)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_inline_result_is_the_models(model, x, mnist):
+    async def main():
+        b = DynamicBatcher(model, BatcherOptions())
+        logits, probs, used = await b.infer(x[:4])
+        return b, logits, probs, used
+
+    b, logits, probs, used = run(main())
+    want_logits, want_probs = model.predict(x[:4])
+    assert used is model
+    np.testing.assert_array_equal(logits, want_logits)
+    np.testing.assert_array_equal(probs, want_probs)
+    assert (probs.argmax(1) == mnist.test_y[:4]).mean() >= 0.75
+    assert b.stats.batches == {4: [1, pytest.approx(b.stats.compute.sum)]}
+
+
+def test_large_request_is_split_and_reassembled(model, x):
+    async def main():
+        b = DynamicBatcher(model, BatcherOptions(max_batch_size=64, inline_max=8))
+        return b, await b.infer(x[:200])
+
+    b, (logits, probs, _) = run(main())
+    np.testing.assert_allclose(probs, model.predict(x[:200])[1], rtol=1e-5, atol=1e-6)
+    assert {size: v[0] for size, v in b.stats.batches.items()} == {64: 3, 8: 1}
+    assert b.stats.inference_count() == 200
+
+
+def test_requests_arriving_while_busy_share_one_batch(model, x):
+    gated = Gated(model)
+
+    async def main():
+        b = DynamicBatcher(gated, BatcherOptions(inline_max=0, instances=1))
+        first = asyncio.ensure_future(b.infer(x[:2]))
+        await asyncio.get_running_loop().run_in_executor(None, gated.started.wait, 10)
+        rest = [asyncio.ensure_future(b.infer(x[i:i + 1])) for i in range(2, 7)]
+        await asyncio.sleep(0.01)
+        assert b.queued_images == 5
+        gated.gate.set()
+        return b, await first, await asyncio.gather(*rest)
+
+    b, first, rest = run(main())
+    assert gated.sizes == [2, 5]  # the five single images went as one batch
+    for i, (logits, probs, _) in enumerate(rest, start=2):
+        np.testing.assert_allclose(probs[0], model.predict(x[i:i + 1])[1][0], rtol=1e-5, atol=1e-6)
+    assert b.stats.batch_size.count == 2 and b.stats.queue.count == 6
+
+
+def test_queue_delay_gathers_concurrent_requests(model, x):
+    async def main():
+        b = DynamicBatcher(model, BatcherOptions(max_queue_delay_us=50_000))
+        results = await asyncio.gather(*(b.infer(x[i:i + 1]) for i in range(6)))
+        return b, results
+
+    b, results = run(main())
+    assert {size: v[0] for size, v in b.stats.batches.items()} == {6: 1}
+    assert [int(r[1].argmax()) for r in results] == [int(p.argmax()) for p in model.predict(x[:6])[1]]
+
+
+def test_full_queue_refuses_at_once_then_recovers(model, x):
+    gated = Gated(model)
+
+    async def main():
+        b = DynamicBatcher(gated, BatcherOptions(inline_max=0, max_queue_size=10))
+        running = asyncio.ensure_future(b.infer(x[:4]))  # taken into a batch: not queued
+        await asyncio.get_running_loop().run_in_executor(None, gated.started.wait, 10)
+        queued = asyncio.ensure_future(b.infer(x[:6]))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="queue full"):
+            await b.infer(x[:5])
+        gated.gate.set()
+        await running, await queued
+        return b, await b.infer(x[:5])
+
+    b, (_, probs, _) = run(main())
+    assert probs.shape == (5, 10)
+    assert b.stats.rejected_images == 5
+
+
+def test_expired_and_cancelled_requests_are_not_computed(model, x):
+    gated = Gated(model)
+
+    async def main():
+        b = DynamicBatcher(gated, BatcherOptions(inline_max=0))
+        running = asyncio.ensure_future(b.infer(x[:3]))
+        await asyncio.get_running_loop().run_in_executor(None, gated.started.wait, 10)
+        expiring = asyncio.ensure_future(b.infer(x[:7], deadline=time.perf_counter() + 0.02))
+        cancelled = asyncio.ensure_future(b.infer(x[:11]))
+        alive = asyncio.ensure_future(b.infer(x[:2]))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        gated.gate.set()
+        await running
+        with pytest.raises(DeadlineExceeded):
+            await expiring
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await alive
+        return b
+
+    b = run(main())
+    assert gated.sizes == [3, 2]  # neither the 7 nor the 11 images reached the model
+    assert b.stats.dropped == {"deadline": 1, "cancelled": 1}
+    assert b.stats.inference_count() == 5
+
+
+def test_model_swap_applies_to_later_batches(model, onnx_model, x):
+    other = load_model(onnx_model, ModelOptions(intra_op_threads=1))
+
+    async def main():
+        b = DynamicBatcher(model, BatcherOptions())
+        before = (await b.infer(x[:1]))[2]
+        b.model = other
+        after = (await b.infer(x[:1]))[2]
+        return before, after
+
+    before, after = run(main())
+    assert before is model and after is other
+
+
+def test_no_batching_runs_each_request_alone(model, x):
+    async def main():
+        b = DynamicBatcher(model, BatcherOptions(batching=False, inline_max=4))
+        results = await asyncio.gather(*(b.infer(x[i:i + 10]) for i in range(0, 50, 10)))
+        return b, results
+
+    b, results = run(main())
+    assert {size: v[0] for size, v in b.stats.batches.items()} == {10: 5}
+    np.testing.assert_allclose(np.concatenate([r[1] for r in results]), model.predict(x[:50])[1], rtol=1e-5, atol=1e-6)
+
+
+def test_close_fails_queued_requests_and_refuses_new_ones(model, x):
+    gated = Gated(model)
+
+    async def main():
+        b = DynamicBatcher(gated, BatcherOptions(inline_max=0))
+        running = asyncio.ensure_future(b.infer(x[:1]))
+        await asyncio.get_running_loop().run_in_executor(None, gated.started.wait, 10)
+        queued = asyncio.ensure_future(b.infer(x[:1]))
+        await asyncio.sleep(0)
+        b.close()
+        with pytest.raises(Unavailable):
+            await queued
+        with pytest.raises(Unavailable):
+            await b.infer(x[:1])
+        gated.gate.set()
+        _, probs, _ = await running  # the batch already running still answers
+        assert probs.shape == (1, 10)
+
+    run(main())
+
+
+def test_stats_are_shared_with_the_caller(model, x):
+    stats = Stats()
+
+    async def main():
+        b = DynamicBatcher(model, BatcherOptions(), stats)
+        await b.infer(x[:3])
+
+    run(main())
+    assert stats.inference_count() == 3 and stats.execution_count() == 1
