@@ -82,7 +82,10 @@ def load_members(checkpoints: list[Path]) -> tuple[list[nn.Module], list[dict]]:
     for path in checkpoints:
         if not Path(path).is_file():
             raise ExportError(f"{path}: no such checkpoint")
-        model, ckpt = load_checkpoint(path, "cpu")
+        try:
+            model, ckpt = load_checkpoint(path, "cpu")
+        except ValueError as e:  # not a checkpoint, or not one of ours: already one clear line
+            raise ExportError(str(e)) from None
         models.append(model.eval())
         ckpts.append(ckpt)
     return models, ckpts
