@@ -241,8 +241,9 @@ def _resize(a: np.ndarray, size: tuple[int, int], resample=Image.Resampling.BOX)
 def _ink_bright(g: np.ndarray) -> np.ndarray:
     border = np.concatenate([g[0], g[-1], g[1:-1, 0], g[1:-1, -1]])
     back = float(np.median(border))
-    lo, hi = np.percentile(g, [1, 99])
     # Dark ink on light paper (the usual photo or scan) has its extreme pixels below the paper.
+    # Extreme enough that a small digit on a large, unevenly lit sheet still decides it.
+    lo, hi = np.percentile(g, [0.05, 99.95])
     if back - lo > hi - back:
         return 255.0 - g
     return g
@@ -278,6 +279,13 @@ def _soft_threshold(ink: np.ndarray) -> np.ndarray | None:
     mu = np.cumsum(p * np.arange(256))
     between = (mu[-1] * omega - mu) ** 2 / np.maximum(omega * (1 - omega), 1e-12)
     t = int(np.argmax(between))
+    # Otsu splits badly when the ink is a tiny fraction of the picture (a small digit on a page):
+    # it cuts into the paper's own noise.  The paper's level (the histogram's peak) and its noise
+    # (measured on the dark side of the peak, where no ink is) put a floor under the threshold.
+    peak = int(np.argmax(np.convolve(hist, [1.0, 2.0, 1.0], "same")))
+    left = ink[ink <= peak]
+    sigma = float(np.sqrt(np.mean((left - peak) ** 2))) if left.size > 16 else 0.0
+    t = max(t, int(min(peak + 5 * sigma, 254)))
     back, fore = q[q <= t], q[q > t]
     if fore.size == 0 or back.size == 0:
         return None

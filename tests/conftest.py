@@ -13,7 +13,7 @@ import pytest
 # Two cores are shared by the trainer, the server under test and its client: keep torch modest.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-pytest_plugins: list[str] = ["fixtures_serving"]
+pytest_plugins: list[str] = ["fixtures_serving", "fixtures_client"]
 
 
 @pytest.fixture(scope="session")

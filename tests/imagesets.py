@@ -128,7 +128,8 @@ def font_files() -> list[str]:
         for ext in ("ttf", "otf", "TTF", "OTF"):
             found += glob.glob(f"{d}/**/*.{ext}", recursive=True)
     skip = ("cmex", "cmsy", "cmmi", "Math", "Display", "Symbol", "STIXSize", "STIXNonUni", "STIXGeneral-",
-            "DejaVuSansMono", "DejaVuSans-ExtraLight")
+            "DejaVuSansMono", "DejaVuSans-ExtraLight",
+            "LastResort", "femkeklaver")  # a font of placeholder boxes; an outline-only font
     return sorted(f for f in set(found) if not any(s in os.path.basename(f) for s in skip))
 
 

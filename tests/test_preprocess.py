@@ -1,0 +1,268 @@
+"""serving/preprocess.py: decoding (formats, modes, limits, errors) and MNIST's normalisation on
+real-world-looking images, judged by the exported model's answers."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import imagesets as S
+from serving import preprocess as pp
+from serving.errors import InvalidInput, Overloaded
+
+
+def png(a: np.ndarray) -> bytes:
+    return S.encode(Image.fromarray(a))
+
+
+def accuracy(predict, items) -> tuple[float, list]:
+    pixels, errors = pp.decode_many([b for b, _ in items])
+    assert all(e is None for e in errors), [e for e in errors if e][:3]
+    y = np.array([label for _, label in items])
+    return float(np.mean(predict(pixels) == y)), errors
+
+
+# ---- the contract ----
+
+def test_pixels_to_input_contract():
+    x = pp.pixels_to_input(np.array([[0, 255] * 392], np.uint8))
+    assert x.shape == (1, 1, 28, 28) and x.dtype == np.float32
+    assert x.min() == 0.0 and x.max() == 1.0
+    with pytest.raises(InvalidInput, match="uint8"):
+        pp.pixels_to_input(np.zeros((1, 784), np.float32))
+    with pytest.raises(InvalidInput, match="multiple of 784"):
+        pp.pixels_to_input(np.zeros(783, np.uint8))
+
+
+def test_mnist_pngs_decode_to_their_own_pixels(mnist):
+    """MNIST-format files (our demo samples) come back exactly: already normalised, left alone."""
+    x = mnist.test_x[:300]
+    blobs = [png(a) for a in x]
+    assert all(np.array_equal(pp.decode_image(b), a) for b, a in zip(blobs[:50], x))
+    pixels, errors = pp.decode_many(blobs)
+    assert errors == [None] * 300
+    assert np.array_equal(pixels, x)
+
+
+def test_normalisation_is_mnists_own(mnist, predict):
+    """The full pipeline on MNIST digits (forced past the fast path) keeps the model's accuracy:
+    what it does is what MNIST did (fit 20x20, centre of mass at the centre)."""
+    x, y = mnist.test_x[:1000], mnist.test_y[:1000]
+    again = np.stack([pp.normalize(a) for a in x])
+    assert predict(again).tolist() != [] and np.mean(predict(again) == y) >= np.mean(predict(x) == y) - 0.005
+    rows, cols = again.any(2), again.any(1)
+    longest = np.maximum(rows.sum(1), cols.sum(1))
+    assert np.percentile(longest, 5) >= 19 and longest.max() <= 22
+    m = again.astype(float)
+    cy = (m.sum(2) @ np.arange(28)) / m.sum((1, 2))
+    assert abs(np.median(cy) - 14) <= 0.5
+
+
+# ---- photos and scans made from MNIST digits (the issue's bar: 97% on 1,000) ----
+
+def test_real_world_variants_of_mnist_digits(mnist, predict):
+    x, y = mnist.test_x, mnist.test_y
+    per_kind = 1000 // len(S.MNIST_KINDS) + 1
+    results = {}
+    all_items = []
+    for k, kind in enumerate(S.MNIST_KINDS):
+        sl = slice(1000 + k * per_kind, 1000 + (k + 1) * per_kind)
+        items = S.mnist_set(x[sl], y[sl], kind, per_kind, seed=k)
+        results[kind], _ = accuracy(predict, items)
+        all_items += items
+    overall, _ = accuracy(predict, all_items[:1000])
+    print("MNIST digits as files:", {k: f"{v:.1%}" for k, v in results.items()}, f"overall {overall:.1%}")
+    assert overall >= 0.97
+    assert min(results.values()) >= 0.94, results
+
+
+# ---- digits that never came from MNIST ----
+
+@pytest.mark.parametrize("kind,floor", [("clean", 0.85), ("thin", 0.85), ("thick", 0.85),
+                                        ("lowres", 0.85), ("photo", 0.85)])
+def test_synthetic_pen_digits(predict, kind, floor):
+    """A jittery synthetic pen (random style, slant, width), dark on paper.  The floors sit well
+    below what the pipeline reaches (README table); '1' written with a long flag reads as 7 to a
+    model that learned MNIST's American ones."""
+    acc, _ = accuracy(predict, S.pen_set(200, kind, seed=7))
+    print(f"pen-{kind}: {acc:.1%}")
+    assert acc >= floor
+
+
+def test_font_digits(predict):
+    """Every font on this machine (DejaVu and matplotlib's Computer Modern and STIX at least)."""
+    items = S.font_set(5)
+    assert len(items) >= 100  # matplotlib ships fonts: this set never comes out empty
+    acc, _ = accuracy(predict, items)
+    print(f"fonts ({len(items)} glyphs): {acc:.1%}")
+    assert acc >= 0.85
+
+
+def test_uci_handwritten_digits_if_available(predict):
+    """1,797 8x8 digits by 43 other writers (scikit-learn's copy of UCI's set), when installed."""
+    path = S.uci_digits_path()
+    if path is None:
+        pytest.skip("scikit-learn's digits.csv.gz is not installed (set NETWORK3_UCI_DIGITS to point at it)")
+    acc, _ = accuracy(predict, list(S.uci_set(path, "scan")))
+    print(f"UCI 8x8: {acc:.1%}")
+    assert acc >= 0.8
+
+
+def test_small_digit_on_a_large_photo(mnist, predict):
+    """A digit filling a twentieth of a 2,000 px photo is cut out of the full-resolution image."""
+    rng = np.random.default_rng(3)
+    hits = 0
+    for i in range(10):
+        sheet = S.paper(rng, 2000, 1500, noise=5, shade=30)
+        big = np.asarray(Image.fromarray(mnist.test_x[i]).resize((84, 84), Image.Resampling.BICUBIC), np.float32) / 255
+        y0, x0 = rng.integers(100, 1300), rng.integers(100, 1800)
+        a = np.zeros(sheet.shape[:2] + (1,), np.float32)
+        a[y0:y0 + 84, x0:x0 + 84, 0] = big
+        img = (sheet * (1 - a) + 30 * a).clip(0, 255).astype(np.uint8)
+        blob = S.encode(Image.fromarray(img, "RGB"), "JPEG", quality=90)
+        hits += int(predict(pp.decode_image(blob)[None])[0] == mnist.test_y[i])
+    assert hits >= 9
+
+
+# ---- formats, modes, metadata ----
+
+@pytest.mark.parametrize("fmt,mode", [("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "LA"), ("PNG", "P"), ("PNG", "1"),
+                                      ("PNG", "I;16"), ("JPEG", "L"), ("JPEG", "RGB"), ("BMP", "RGB"),
+                                      ("GIF", "P"), ("TIFF", "L"), ("TIFF", "I;16"), ("WEBP", "RGB")])
+def test_every_format_and_mode(mnist, predict, fmt, mode):
+    """The same dark-on-light digits in each format and mode come out as the same digits."""
+    x, y = mnist.test_x[:20], mnist.test_y[:20]
+    blobs = []
+    for a in x:
+        ink = Image.fromarray(255 - a).resize((56, 56), Image.Resampling.BICUBIC)
+        if mode == "I;16":
+            img = Image.fromarray(np.asarray(ink).astype(np.uint16) * 257)
+        elif mode == "1":
+            img = ink.point(lambda v: 255 if v > 128 else 0).convert("1")
+        else:
+            img = ink.convert(mode)
+        kw = {"lossless": True} if fmt == "WEBP" else {}
+        blobs.append(S.encode(img, fmt, **kw))
+    pixels, errors = pp.decode_many(blobs)
+    assert errors == [None] * 20
+    assert np.mean(predict(pixels) == y) >= 0.9
+
+
+def test_transparent_background_either_ink(mnist, predict):
+    """Ink drawn on a transparent sheet reads right whether the ink is black or white."""
+    x, y = mnist.test_x[:20], mnist.test_y[:20]
+    for ink in (0, 255):
+        blobs = []
+        for a in x:
+            rgba = np.zeros((28, 28, 4), np.uint8)
+            rgba[..., :3] = ink
+            rgba[..., 3] = a  # opaque where the digit is
+            blobs.append(S.encode(Image.fromarray(rgba, "RGBA").resize((84, 84))))
+        pixels, _ = pp.decode_many(blobs)
+        assert np.mean(predict(pixels) == y) >= 0.9, f"ink {ink}"
+
+
+def test_exif_orientation_is_applied(mnist, predict):
+    """Phone photos are stored sideways with an Orientation tag; the digit is read upright."""
+    x, y = mnist.test_x[:20], mnist.test_y[:20]
+    blobs = []
+    for a in x:
+        img = Image.fromarray(255 - a).resize((112, 112)).rotate(90, expand=True)  # stored turned left
+        exif = Image.Exif()
+        exif[0x0112] = 6  # "rotate 90 CW to view"
+        blobs.append(S.encode(img, "JPEG", quality=95, exif=exif))
+    pixels, _ = pp.decode_many(blobs)
+    assert np.mean(predict(pixels) == y) >= 0.9
+
+
+# ---- bad input ----
+
+def _png_header_only(w: int, h: int) -> bytes:
+    """A PNG that claims w x h pixels: a decompression bomb's header, with one tiny IDAT."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    with pytest.raises(Overloaded, match="pixels"):
+        pp.decode_image(_png_header_only(30_000, 30_000))  # 900 MP: refused from the header alone
+    with pytest.raises(Overloaded, match="over the limit"):
+        pp.decode_image(_png_header_only(2000, 2000), max_pixels=1_000_000)
+    blob = png(np.zeros((1001, 1000), np.uint8))
+    with pytest.raises(Overloaded):
+        pp.decode_image(blob, max_pixels=1_000_000)
+
+
+@pytest.mark.parametrize("data,match", [
+    (b"", "empty"),
+    (b"hello, world", "known format"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "not|decodable|known"),
+])
+def test_undecodable_bytes(data, match):
+    with pytest.raises(InvalidInput, match=match):
+        pp.decode_image(data)
+
+
+def test_truncated_and_zero_sized_images(mnist):
+    blob = S.encode(Image.fromarray(255 - mnist.test_x[0]).resize((300, 300)), "JPEG")
+    with pytest.raises(InvalidInput):
+        pp.decode_image(blob[: len(blob) // 2])
+    with pytest.raises(InvalidInput):
+        pp.decode_image(_png_header_only(0, 10))
+
+
+def test_formats_outside_the_list_are_refused(mnist):
+    """Only PNG, JPEG, BMP, GIF, TIFF and WebP decoders are reachable (EPS would run Ghostscript)."""
+    for fmt in ("PPM", "PCX", "ICO"):
+        with pytest.raises(InvalidInput, match="known format"):
+            pp.decode_image(S.encode(Image.fromarray(mnist.test_x[0]), fmt))
+
+
+def test_a_blank_page_gives_a_blank_input():
+    for blob in (png(np.full((100, 100), 255, np.uint8)), png(np.zeros((28, 28), np.uint8))):
+        assert not pp.decode_image(blob).any()
+
+
+def test_decode_many_reports_each_failure_in_place(mnist):
+    blobs = [png(mnist.test_x[0]), b"junk", png(mnist.test_x[1]), _png_header_only(5000, 5000)]
+    pixels, errors = pp.decode_many(blobs, max_pixels=1_000_000)
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], InvalidInput) and isinstance(errors[3], Overloaded)
+    assert np.array_equal(pixels[2], mnist.test_x[1]) and not pixels[1].any()
+    with pytest.raises(InvalidInput, match="image 1"):
+        pp.images_to_input(blobs[:3])
+    assert pp.images_to_input([blobs[0], blobs[2]]).shape == (2, 1, 28, 28)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=2000))
+def test_random_bytes_only_raise_domain_errors(data):
+    try:
+        out = pp.decode_image(data)
+    except (InvalidInput, Overloaded):
+        return
+    assert out.shape == (28, 28) and out.dtype == np.uint8
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 300), st.integers(0, 2**32 - 1), st.sampled_from(["noise", "blob", "flat"]))
+def test_normalize_any_picture(h, w, seed, kind):
+    """Any 2-D picture becomes a valid 28x28 uint8 input: the pipeline never fails on content."""
+    rng = np.random.default_rng(seed)
+    if kind == "noise":
+        g = rng.uniform(0, 255, (h, w))
+    elif kind == "blob":
+        g = np.full((h, w), 230.0)
+        g[rng.integers(0, h):, rng.integers(0, w):] = 20
+    else:
+        g = np.full((h, w), float(rng.integers(0, 256)))
+    out = pp.normalize(g)
+    assert out.shape == (28, 28) and out.dtype == np.uint8
