@@ -98,7 +98,7 @@ def weights_sha256(models: list[nn.Module]) -> str:
         for name, t in model.state_dict().items():
             t = t.detach().cpu().contiguous()
             h.update(f"{i}:{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+            h.update(t.numpy().tobytes())
     return h.hexdigest()
 
 
@@ -322,12 +322,12 @@ def triton_config(path: Path, max_batch: int = MAX_BATCH) -> str:
 
 
 def write_triton_repo(model: Path, repo: Path) -> Path:
-    """repo/network3/{config.pbtxt,labels.txt,1/model.onnx}, each file written atomically."""
+    """repo/network3/{1/model.onnx,labels.txt,config.pbtxt}, each file atomic, the config (Triton's cue) last."""
     folder = repo / TRITON_NAME
     (folder / "1").mkdir(parents=True, exist_ok=True)
-    files = {folder / "config.pbtxt": triton_config(model).encode(),
+    files = {folder / "1" / "model.onnx": model.read_bytes(),
              folder / "labels.txt": ("\n".join(LABELS) + "\n").encode(),
-             folder / "1" / "model.onnx": model.read_bytes()}
+             folder / "config.pbtxt": triton_config(model).encode()}
     for path, content in files.items():
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
