@@ -132,7 +132,7 @@ def classify(paths, server, timeout, tls, tls_ca, tls_cert, tls_key, tls_server_
             batch_size = min(batch_size, limits["max_images_per_request"])
         max_pixels = limits.get("max_pixels") or None
 
-    stdin = click.get_text_stream("stdin") if "-" in paths else None
+    stdin = sys.stdin if "-" in paths else None
     meta: collections.deque = collections.deque()  # (source, label) of each item handed to the backend
 
     def items():

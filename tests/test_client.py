@@ -1,0 +1,192 @@
+"""serving/client.py against real servers: answers, order, errors as one exception with its code,
+the bounded stream window, retries across a server restart, and the local backend."""
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from fixtures_client import free_port
+from fixtures_serving import png, thread_server
+from serving.client import Client, ClientError, LocalClassifier
+
+
+def test_unary_classify_pixels_and_files(server, mnist, predict):
+    x, y = mnist.test_x[:200], mnist.test_y[:200]
+    with Client(server.address, timeout=10) as c:
+        by_pixels = c.classify(x)
+        by_png = c.classify([png(a) for a in x], top_k=3, batch_size=64)
+    digits = [p.digit for p in by_pixels]
+    assert digits == [p.digit for p in by_png] == predict(x).tolist()
+    assert np.mean(np.array(digits) == y) >= 0.95
+    p = by_png[0]
+    assert p.ok and p.label == str(p.digit) and len(p.probabilities) == 10
+    assert abs(sum(p.probabilities) - 1) < 1e-4 and p.probability == max(p.probabilities)
+    assert [d for d, _ in p.top_k][0] == p.digit and [v for _, v in p.top_k] == sorted((v for _, v in p.top_k), reverse=True)
+
+
+def test_a_bad_image_fails_a_unary_call_with_its_code(server, mnist):
+    with Client(server.address) as c:
+        with pytest.raises(ClientError) as e:
+            c.classify([png(mnist.test_x[0]), b"not an image"])
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and not e.value.unreachable
+    assert "images[1]" in e.value.details
+
+
+def test_health_and_info(server, onnx_model):
+    import hashlib
+
+    with Client(server.address) as c:
+        assert c.health() == "SERVING"
+        info = c.info()
+    assert info["sha256"] == hashlib.sha256(onnx_model.read_bytes()).hexdigest()
+    assert info["labels"] == [str(i) for i in range(10)]
+    assert "test_accuracy" in info["metadata"] and info["limits"]["max_images_per_request"] == 256
+
+
+def test_stream_keeps_input_order_and_reports_failures_in_place(server, mnist, predict):
+    x = mnist.test_x[:700]
+    items: list = []
+    for i, a in enumerate(x):
+        items.append(png(a) if i % 3 else a)  # files and pixels mixed
+    items.insert(5, b"junk bytes")  # the server cannot decode it
+    items.insert(300, ValueError("unreadable here"))  # failed before sending
+    items.insert(301, np.zeros((5, 5), np.uint8))  # wrong shape: refused by the client
+    with Client(server.address) as c:
+        out = list(c.classify_stream(items, batch_size=50, window=3))
+    assert len(out) == len(items)
+    assert out[5].error and out[5].code == "INVALID_ARGUMENT"
+    assert out[300].error == "unreadable here" and out[301].error and "784" in out[301].error
+    good = [p.digit for i, p in enumerate(out) if i not in (5, 300, 301)]
+    assert good == predict(x).tolist()
+
+
+def test_stream_reads_ahead_only_a_window(server, mnist):
+    """Memory stays flat: the client never holds more than `window` requests' worth of images."""
+    consumed = 0
+    ahead = []
+
+    def source():
+        nonlocal consumed
+        for a in np.tile(mnist.test_x[:100], (30, 1, 1)):  # 3,000 images
+            consumed += 1
+            yield a
+
+    with Client(server.address) as c:
+        for n, _ in enumerate(c.classify_stream(source(), batch_size=32, window=4), 1):
+            ahead.append(consumed - n)
+    assert len(ahead) == 3000
+    assert max(ahead) <= (4 + 2) * 32  # the window, the batch being read, the batch being answered
+
+
+def test_unreachable_server_is_one_error(mnist):
+    with Client(f"127.0.0.1:{free_port()}", timeout=1.0) as c:
+        for call in (c.health, c.info, lambda: c.classify(mnist.test_x[:1]),
+                     lambda: list(c.classify_stream(mnist.test_x[:10]))):
+            with pytest.raises(ClientError) as e:
+                call()
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE and e.value.unreachable
+
+
+def test_every_call_has_a_deadline(mnist):
+    """A server that accepts calls and never answers: DEADLINE_EXCEEDED, unary and stream."""
+    from concurrent import futures
+
+    from protos.network3.v1 import classifier_pb2_grpc as pb_grpc
+
+    release = threading.Event()
+
+    class Silent(pb_grpc.DigitClassifierServicer):
+        def GetModelInfo(self, request, context):
+            release.wait(30)
+            context.abort(grpc.StatusCode.CANCELLED, "bye")
+
+        def ClassifyStream(self, request_iterator, context):
+            for _ in request_iterator:
+                release.wait(30)
+            return iter(())
+
+    srv = grpc.server(futures.ThreadPoolExecutor(4))
+    pb_grpc.add_DigitClassifierServicer_to_server(Silent(), srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=0.5) as c:
+            with pytest.raises(ClientError) as e:
+                c.info()
+            assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            with pytest.raises(ClientError) as e:
+                list(c.classify_stream(mnist.test_x[:10]))
+            assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and e.value.unreachable
+    finally:
+        release.set()
+        srv.stop(0)
+
+
+def test_token(onnx_model, tmp_path, mnist):
+    (tmp_path / "token").write_text("s3cret\n")
+    with thread_server(onnx_model, token_file=tmp_path / "token") as s:
+        with Client(s.address) as c:
+            with pytest.raises(ClientError) as e:
+                c.classify(mnist.test_x[:1])
+            assert e.value.code == grpc.StatusCode.UNAUTHENTICATED and e.value.unreachable
+        with Client(s.address, token="wrong") as c:
+            with pytest.raises(ClientError):
+                list(c.classify_stream(mnist.test_x[:3]))
+        with Client(s.address, token="s3cret") as c:
+            assert len(list(c.classify_stream(mnist.test_x[:3]))) == 3
+
+
+def test_stream_survives_a_server_restart(process_server, mnist, predict):
+    """The server dies mid-job and comes back on the same port: the unanswered requests are sent
+    again and every image is answered once, in order."""
+    first = process_server("--no-access-log")
+    port = first.port
+    x = mnist.test_x[:2000]
+    state = {"restarted": False}
+
+    def source():
+        for i, a in enumerate(x):
+            if i == 600 and not state["restarted"]:
+                first.kill()  # SIGKILL: nothing drained, requests in flight are lost
+                time.sleep(0.3)
+                state["server"] = process_server("--no-access-log", "--port", str(port))
+                state["restarted"] = True
+            yield a
+
+    with Client(f"127.0.0.1:{port}", timeout=30) as c:
+        out = [p.digit for p in c.classify_stream(source(), batch_size=100, window=4)]
+    assert state["restarted"] and out == predict(x).tolist()
+
+
+def test_a_server_gone_for_good_ends_the_stream_as_unreachable(process_server, mnist):
+    s = process_server("--no-access-log")
+
+    def source():
+        for i, a in enumerate(mnist.test_x[:1000]):
+            if i == 300:
+                s.kill()
+            yield a
+
+    with Client(s.address, timeout=1.5) as c:
+        with pytest.raises(ClientError) as e:
+            list(c.classify_stream(source(), batch_size=50, window=2))
+    assert e.value.unreachable
+
+
+def test_local_backend_matches_the_server(server, onnx_model, mnist):
+    items = [png(a) for a in mnist.test_x[:150]] + [b"junk"] + list(mnist.test_x[150:300])
+    with Client(server.address) as c:
+        remote = list(c.classify_stream(items, batch_size=64, top_k=2))
+        served = c.info()["sha256"]
+    with LocalClassifier(onnx_model) as local:
+        mine = list(local.classify_stream(items, batch_size=64, top_k=2))
+        assert local.health() == "SERVING" and local.info()["sha256"] == served
+    assert [p.digit for p in mine] == [p.digit for p in remote]
+    assert mine[150].error and remote[150].error
+    ok = [i for i in range(len(items)) if i != 150]
+    assert np.allclose([mine[i].probabilities for i in ok], [remote[i].probabilities for i in ok], atol=1e-5)
+    assert [mine[0].top_k[0][0], mine[0].top_k[1][0]] == [remote[0].top_k[0][0], remote[0].top_k[1][0]]
