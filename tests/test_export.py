@@ -103,7 +103,7 @@ def test_parity_with_pytorch_on_every_test_image(onnx_model, checkpoint, mnist):
 def test_failed_parity_writes_nothing_and_keeps_the_previous_file(tmp_path, monkeypatch, onnx_model, checkpoint,
                                                                   small, fault):
     """Make PyTorch's side disagree (as an exporter bug would): the export is refused, the old file stays."""
-    real = export_mod.torch_predict
+    real = export_mod.reference_outputs
 
     def disagreeing(module, x, batch=1000):
         logits, probs = real(module, x, batch)
@@ -114,7 +114,7 @@ def test_failed_parity_writes_nothing_and_keeps_the_previous_file(tmp_path, monk
             probs[3, 0] += 2e-5
         return logits, probs
 
-    monkeypatch.setattr(export_mod, "torch_predict", disagreeing)
+    monkeypatch.setattr(export_mod, "reference_outputs", disagreeing)
     out = tmp_path / "model.onnx"
     previous = onnx_model.read_bytes()
     out.write_bytes(previous)

@@ -20,12 +20,10 @@ import hashlib
 import json
 import logging
 import math
-import os
 import subprocess
-import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -35,9 +33,7 @@ from torch import nn
 
 from serving.preprocess import CONTRACT, pixels_to_input
 from . import __version__
-
-if TYPE_CHECKING:
-    from .data import Mnist
+from .data import Mnist, atomic_write
 
 LABELS = [str(d) for d in range(10)]
 OUTPUTS = ("logits", "probabilities")
@@ -153,7 +149,8 @@ def onnx_predictor(path: str | Path) -> tuple[Callable[[np.ndarray], np.ndarray]
     return (lambda x: onnx_predict(sess, x)[1]), facts
 
 
-def torch_predict(module: nn.Module, x: np.ndarray, batch: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+def reference_outputs(module: nn.Module, x: np.ndarray, batch: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch's (logits, probabilities) for the parity check."""
     with torch.inference_mode():
         outs = [module(torch.from_numpy(x[i:i + batch])) for i in range(0, len(x), batch)]
     return torch.cat([o[0] for o in outs]).numpy(), torch.cat([o[1] for o in outs]).numpy()
@@ -217,18 +214,10 @@ def opset_of(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def write_atomic(model: onnx.ModelProto, out: Path) -> None:
-    """Temp file beside `out`, full onnx check of that file, then os.replace: `out` is never partial."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        onnx.save_model(model, tmp)
-        onnx.checker.check_model(tmp, full_check=True)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def write_checked(model: onnx.ModelProto, out: Path) -> None:
+    """The full onnx check, then temp file + os.replace (data.atomic_write): `out` is never partial."""
+    onnx.checker.check_model(model, full_check=True)
+    atomic_write(out, lambda f: f.write(model.SerializeToString()))
 
 
 def export_onnx(checkpoints: list[Path], out: Path, *, opset: int | None = None, quantize: str | None = None,
@@ -262,7 +251,7 @@ def export_onnx(checkpoints: list[Path], out: Path, *, opset: int | None = None,
     sess = onnx_session(proto.SerializeToString())
     check_signature(sess)
     got = onnx_predict(sess, x)
-    figures = parity(torch_predict(module, x), got)
+    figures = parity(reference_outputs(module, x), got)
     if figures["argmax_mismatches"] or not figures["max_abs_diff_probabilities"] <= PARITY_ATOL:
         raise ExportError(f"parity check failed, nothing written: {figures['argmax_mismatches']} argmax mismatches, "
                           f"max |dp| {figures['max_abs_diff_probabilities']:.3g} (limit {PARITY_ATOL:g})")
@@ -290,7 +279,7 @@ def export_onnx(checkpoints: list[Path], out: Path, *, opset: int | None = None,
         from .quantize import quantize_int8
         proto, report["int8"] = quantize_int8(proto, data, float32_accuracy=accuracy, log=log)
         report["test_accuracy"] = report["int8"]["test_accuracy"]
-    write_atomic(proto, out)
+    write_checked(proto, out)
     report["size_bytes"] = out.stat().st_size
     if triton_repo is not None:
         report["triton_repo"] = str(write_triton_repo(out, Path(triton_repo)))
@@ -329,12 +318,5 @@ def write_triton_repo(model: Path, repo: Path) -> Path:
              folder / "labels.txt": ("\n".join(LABELS) + "\n").encode(),
              folder / "config.pbtxt": triton_config(model).encode()}
     for path, content in files.items():
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(content)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, lambda f, content=content: f.write(content))
     return folder

@@ -14,18 +14,17 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from serving.preprocess import pixels_to_input
+from .data import Mnist
 from .export import ExportError, onnx_predict, onnx_session, opset_of, set_metadata
 
-if TYPE_CHECKING:
-    import onnxruntime as ort
-    from .data import Mnist
 
 MAX_DROP_PP = 0.1  # percentage points of test accuracy int8 may lose against float32
 CALIBRATION_IMAGES = 1000
