@@ -65,5 +65,30 @@ protos: install
 
 
 # ---- client and demo ----
+# Classify images with the client: SERVER=host:port (else $$NETWORK3_SERVER, else 127.0.0.1:$(PORT)),
+# SAMPLES=paths (files, folders, globs, IDX files), CLASSIFY_ARGS for anything else (--local FILE...).
+SAMPLES ?= demo/samples
+SERVER ?= $(or $(NETWORK3_SERVER),127.0.0.1:$(PORT))
+CLASSIFY_ARGS ?=
+classify: install
+	$(BIN)/network3 classify $(SAMPLES) --server $(SERVER) $(CLASSIFY_ARGS)
+
+# The whole journey from a fresh clone: install, data, train and export PRESET (skipped when
+# $(MODEL) exists), write sample digits, serve, wait for health, classify, stop the server.
+demo: install
+	@test -f $(MODEL) || $(MAKE) --no-print-directory data train export PRESET=$(PRESET) MODEL=$(MODEL)
+	$(PY) demo/make_samples.py --out demo/samples
+	BIN=$(BIN) MODEL=$(MODEL) SAMPLES=demo/samples CLASSIFY_ARGS="$(CLASSIFY_ARGS)" bash demo/demo.sh
+
+# 10,000 PNG files through the server and with --local in one run (quiet machine only).
+BENCH_CLIENT_ARGS ?=
+bench-client: install
+	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
+	$(PY) benchmarks/bench_client.py --model $(MODEL) $(BENCH_CLIENT_ARGS)
+
+# How the photo pipeline fares on digits that never came from MNIST (README table).
+bench-preprocess: install
+	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
+	$(PY) benchmarks/preprocess_report.py --model $(MODEL)
 
 # ---- reliability ----

@@ -32,7 +32,7 @@ from protos.network3.v1 import classifier_pb2 as pb
 from protos.network3.v1 import classifier_pb2_grpc as pb_grpc
 
 from . import preprocess
-from .errors import STATUS_NAMES, Network3Error
+from .errors import STATUS_NAMES, Network3Error, Overloaded
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 10.0
@@ -114,16 +114,18 @@ def _image(item: bytes | np.ndarray, id: str = "") -> pb.Image:
     return pb.Image(pixels=a.tobytes(), id=id)
 
 
+def _flat(items: Iterable[Item]) -> Iterator[Item]:
+    """Items one by one; a uint8 [N, 28, 28] stack counts as N items."""
+    for item in items:
+        if isinstance(item, np.ndarray) and item.ndim == 3:
+            yield from item
+        else:
+            yield item
+
+
 def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
     batch: list[Item] = []
-    for item in items:
-        if isinstance(item, np.ndarray) and item.ndim == 3:  # a stack of images: one item each
-            for row in item:
-                batch.append(row)
-                if len(batch) == size:
-                    yield batch
-                    batch = []
-            continue
+    for item in _flat(items):
         batch.append(item)
         if len(batch) == size:
             yield batch
@@ -144,6 +146,7 @@ class Client:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.address, self.timeout = address, float(timeout)
+        self.max_message_bytes = max_message_bytes
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -231,9 +234,10 @@ class Client:
     # -- streaming --------------------------------------------------------------------------
 
     def classify_stream(self, images: Iterable[Item], *, batch_size: int = 64, window: int = 8,
-                        top_k: int | None = None) -> Iterator[Prediction]:
-        """Classify any number of images over one ClassifyStream, `batch_size` images a request
-        and at most `window` requests in flight, so memory stays flat; predictions come back in
+                        top_k: int | None = None, max_request_bytes: int | None = None) -> Iterator[Prediction]:
+        """Classify any number of images over one ClassifyStream, `batch_size` images (and at
+        most max_request_bytes, default 90% of the message limit) a request and at most
+        `window` requests in flight, so memory stays flat; predictions come back in
         input order, one per item, failures included (an item that is an Exception, or an
         image the server could not read, comes back with `error` set).
 
@@ -243,7 +247,8 @@ class Client:
         DEADLINE_EXCEEDED."""
         if window < 1 or batch_size < 1:
             raise ValueError("window and batch_size must be at least 1")
-        feed = _Feed(iter(images), batch_size, window, top_k)
+        feed = _Feed(iter(images), batch_size, window, top_k,
+                     max_request_bytes or int(self.max_message_bytes * 0.9))
         stream = _Stream(self, feed)
         try:
             answers: Iterator[Prediction] = iter(())
@@ -330,8 +335,10 @@ class _Feed:
     unanswered requests first in line for the next one (an old stream's iterator, if gRPC is
     still blocked in it, sees the new epoch and stops)."""
 
-    def __init__(self, items: Iterator[Item], batch_size: int, window: int, top_k: int | None):
-        self._items, self._batch_size, self._window, self._top_k = items, batch_size, window, top_k
+    def __init__(self, items: Iterator[Item], batch_size: int, window: int, top_k: int | None, max_bytes: int):
+        self._items, self._batch_size, self._window, self._top_k = _flat(items), batch_size, window, top_k
+        self._max_bytes = max_bytes
+        self._carry: pb.Image | None = None  # the image that did not fit in the last request
         self._cond = threading.Condition()
         self._read_lock = threading.Lock()
         self._tokens: collections.deque = collections.deque()
@@ -380,28 +387,40 @@ class _Feed:
             yield request
 
     def _read_batch(self) -> pb.ClassifyRequest | None:
-        """The next request (None at the end); items that fail here only leave their token."""
+        """The next request (None at the end): up to batch_size images and max_bytes of image
+        data.  Items that fail here (or alone exceed max_bytes) only leave their token."""
         while True:
             images: list[pb.Image] = []
             tokens: list[BaseException | None] = []
+            size = 0
             try:
                 while len(images) < self._batch_size:
-                    try:
-                        item = next(self._items)
-                    except StopIteration:
-                        self._done = True
-                        break
-                    if isinstance(item, np.ndarray) and item.ndim == 3:  # a stack: one image a row
-                        images += [_image(row) for row in item]
-                        tokens += [None] * len(item)
-                    elif isinstance(item, BaseException):
-                        tokens.append(item)
+                    if self._carry is not None:
+                        image, self._carry = self._carry, None
                     else:
                         try:
-                            images.append(_image(item))
-                            tokens.append(None)
+                            item = next(self._items)
+                        except StopIteration:
+                            self._done = True
+                            break
+                        if isinstance(item, BaseException):
+                            tokens.append(item)
+                            continue
+                        try:
+                            image = _image(item)
                         except ValueError as e:
                             tokens.append(e)
+                            continue
+                    n = len(image.encoded) + len(image.pixels)
+                    if n > self._max_bytes:
+                        tokens.append(Overloaded(f"{n:,} bytes: more than one request may carry ({self._max_bytes:,})"))
+                        continue
+                    if images and size + n > self._max_bytes:
+                        self._carry = image  # it opens the next request
+                        break
+                    images.append(image)
+                    tokens.append(None)
+                    size += n
             except BaseException as e:  # the caller's iterator failed: end the job, re-raise there
                 self._error, self._done = e, True
             with self._cond:
@@ -558,10 +577,20 @@ class LocalClassifier:
                 raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, p.error, self.address)
         return out
 
-    def classify_stream(self, images: Iterable[Item], *, batch_size: int = 64, window: int = 8,
-                        top_k: int | None = None) -> Iterator[Prediction]:
-        for batch in _batches(images, batch_size):
-            yield from self._predict(batch, top_k)
+    def classify_stream(self, images: Iterable[Item], *, batch_size: int = 64, window: int = 2,
+                        top_k: int | None = None, max_request_bytes: int | None = None) -> Iterator[Prediction]:
+        """Like Client.classify_stream.  Batches are decoded and computed in a worker thread
+        (onnxruntime lets go of the GIL) while the caller reads the next ones and writes results."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="network3-local") as pool:
+            pending: collections.deque = collections.deque()
+            for batch in _batches(images, batch_size):
+                pending.append(pool.submit(self._predict, batch, top_k))
+                while len(pending) >= window:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
 
 
 def _rows(items, good, probs, labels, top_k, failed) -> list[Prediction]:
