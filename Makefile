@@ -63,6 +63,18 @@ PROTOS := protos/network3/v1/classifier.proto protos/inference/model_config.prot
 protos: install
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 
+# perf_analyzer against the in-process ceiling, the simplest unbatched server and ours (quiet
+# machine only).  perf_analyzer (from the tritonclient wheel) needs Debian's libb64-0d and
+# PyPI's CUDA runtime library even on a CPU; both are installed here when missing.
+BENCH_SERVE_ARGS ?=
+bench-serve: install
+	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
+	@dpkg -s libb64-0d >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libb64-0d; }
+	@$(PY) -m pip show -q nvidia-cuda-runtime-cu12 >/dev/null 2>&1 || \
+		$(PY) -m pip install -q --disable-pip-version-check nvidia-cuda-runtime-cu12
+	$(PY) benchmarks/bench_serve.py --model $(MODEL) $(BENCH_SERVE_ARGS)
+
 
 # ---- client and demo ----
 # Classify images with the client: SERVER=host:port (else $$NETWORK3_SERVER, else 127.0.0.1:$(PORT)),

@@ -10,7 +10,7 @@ from protos.network3.v1 import classifier_pb2_grpc as pb_grpc
 
 from .. import preprocess
 from ..errors import InvalidInput, Network3Error, Overloaded, grpc_status
-from .common import Serving, deadline_of, pipelined, stream, unary
+from .common import Serving, deadline_of, now, pipelined, stream, unary
 
 API = "network3.v1.DigitClassifier"
 PIXELS = preprocess.PIXELS
@@ -40,13 +40,13 @@ class ClassifierServicer(pb_grpc.DigitClassifierServicer):
         async def one(request: pb.ClassifyRequest) -> pb.ClassifyResponse:
             tally[0] += 1
             tally[1] += len(request.images)
-            t0 = asyncio.get_running_loop().time()
+            t0 = now()
             try:
                 response = await self._stream_one(request, deadline)
                 ok = True
             except Network3Error as e:
                 response, ok = pb.ClassifyResponse(error=_error(e)), False
-            self.s.stats.record_model_request(ok, asyncio.get_running_loop().time() - t0)
+            self.s.stats.record_model_request(ok, now() - t0)
             return response
 
         async for response in pipelined(request_iterator, one):

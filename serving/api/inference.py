@@ -20,7 +20,7 @@ from protos.inference import model_config_pb2 as mc
 from .. import __version__, preprocess
 from ..errors import InvalidInput, ModelNotFound, Network3Error, Overloaded
 from ..model import CLASSES, INPUT_NAME, OUTPUT_NAMES
-from .common import Serving, deadline_of, pipelined, stream, unary
+from .common import Serving, deadline_of, now, pipelined, stream, unary
 
 API = "inference.GRPCInferenceService"
 EXTENSIONS = ["classification", "model_configuration", "statistics"]
@@ -124,6 +124,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def one(request):
             tally[0] += 1
+            t0 = now()
             try:
                 tally[1] += _count(request)
                 self._check_model(request.model_name, request.model_version)
@@ -131,10 +132,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 outputs = self._outputs(request)
                 logits, probs, model = await self.s.batcher.infer(x, deadline)
                 response = pb.ModelStreamInferResponse(infer_response=self._response(request, outputs, logits, probs, model))
-                stats.record_model_request(True, 0.0)
+                stats.record_model_request(True, now() - t0)
                 return response
             except Network3Error as e:
-                stats.record_model_request(False, 0.0)
+                stats.record_model_request(False, now() - t0)
                 return pb.ModelStreamInferResponse(error_message=str(e),
                                                    infer_response=pb.ModelInferResponse(id=request.id))
 
