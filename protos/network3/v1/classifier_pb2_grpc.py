@@ -56,7 +56,8 @@ class DigitClassifierServicer:
 
     def Classify(self, request, context):
         """Classify a batch of images in one call.  One Prediction per image, in request order.
-        Any bad image fails the whole call with INVALID_ARGUMENT naming its index.
+        Any bad image fails the whole call with INVALID_ARGUMENT naming its index (RESOURCE_EXHAUSTED
+        when it passes a limit: too many images, too many pixels, queue full).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
