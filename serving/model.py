@@ -47,6 +47,9 @@ class OnnxModel:
     labels: list[str] = field(default_factory=list)
     providers: list[str] = field(default_factory=list)
     ready: bool = False
+    # Shapes as the file declares them, a symbolic (batch) dimension as -1.
+    input_shape: list[int] = field(default_factory=list)
+    output_shapes: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -116,6 +119,9 @@ class OnnxModel:
                 raise BadModel(f"{where}: missing output {name!r} (found {sorted(outputs)})")
             if o.type != "tensor(float)" or len(o.shape) != 2 or o.shape[1] != CLASSES:
                 raise BadModel(f"{where}: output {name!r} must be float32 [N, 10], found {o.type} {o.shape}")
+        dims = lambda shape: [d if isinstance(d, int) else -1 for d in shape]  # noqa: E731
+        self.input_shape = dims(i.shape)
+        self.output_shapes = {name: dims(outputs[name].shape) for name in OUTPUT_NAMES}
 
     def _read_labels(self) -> list[str]:
         raw = self.metadata.get("labels")

@@ -64,8 +64,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         T = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=self.s.model_name, versions=[self.s.model_version], platform="onnxruntime_onnx",
-            inputs=[T(name=INPUT_NAME, datatype="FP32", shape=[-1, *SHAPE])],
-            outputs=[T(name=name, datatype="FP32", shape=[-1, CLASSES]) for name in OUTPUT_NAMES],
+            inputs=[T(name=INPUT_NAME, datatype="FP32", shape=model.input_shape)],
+            outputs=[T(name=name, datatype="FP32", shape=model.output_shapes[name]) for name in OUTPUT_NAMES],
             parameters={k: pb.InferParameter(string_param=v) for k, v in _model_facts(model).items()},
         )
 
@@ -76,8 +76,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         config = mc.ModelConfig(
             name=self.s.model_name, platform="onnxruntime_onnx", backend="onnxruntime",
             max_batch_size=o.max_batch_size,
-            input=[mc.ModelInput(name=INPUT_NAME, data_type=mc.TYPE_FP32, format=mc.ModelInput.FORMAT_NCHW, dims=SHAPE)],
-            output=[mc.ModelOutput(name=name, data_type=mc.TYPE_FP32, dims=[CLASSES]) for name in OUTPUT_NAMES],
+            # As in Triton: with max_batch_size > 0 the dims leave out the batch dimension.
+            input=[mc.ModelInput(name=INPUT_NAME, data_type=mc.TYPE_FP32, format=mc.ModelInput.FORMAT_NCHW,
+                                 dims=model.input_shape[1:])],
+            output=[mc.ModelOutput(name=name, data_type=mc.TYPE_FP32, dims=model.output_shapes[name][1:])
+                    for name in OUTPUT_NAMES],
             instance_group=[mc.ModelInstanceGroup(name=self.s.model_name, count=o.instances,
                                                   kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU)],
             default_model_filename=model.path.name,
