@@ -279,11 +279,13 @@ def main() -> None:
     if ours and ref:
         lines.append(f"- 1-image requests, concurrency 1: p50 network3 {ours.p50_ms:.3f} ms vs reference "
                      f"{ref.p50_ms:.3f} ms: +{ours.p50_ms - ref.p50_ms:.3f} ms (goal <= 0.1 ms)")
-    best64 = max((r for r in results if r.images == 64 and r.server.startswith("network3")), key=lambda r: r.images_s, default=None)
-    if best64:
-        top = max(ceil64.values())
-        lines.append(f"- 64-image requests: network3 best {best64.images_s:,.0f} images/s ({best64.server}, concurrency "
-                     f"{best64.concurrency}) = {best64.images_s / top:.0%} of the in-process ceiling {top:,.0f} (goal >= 60%)")
+    top = max(ceil64.values())
+    for kind in ("network3", "network3 --no-batching", "reference"):
+        best = max((r for r in results if r.images == 64 and r.server == kind), key=lambda r: r.images_s, default=None)
+        if best:
+            lines.append(f"- 64-image requests, {kind}: best {best.images_s:,.0f} images/s (concurrency {best.concurrency}) "
+                         f"= {best.images_s / top:.0%} of the in-process ceiling {top:,.0f}"
+                         + (" (goal >= 60%)" if kind == "network3" else ""))
 
     print("profiling one request ...", file=sys.stderr, flush=True)
     stages = profile(args.model, args.intra_op_threads)

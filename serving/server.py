@@ -130,7 +130,7 @@ class Network3Server:
         if o.token_file is not None:
             interceptors.append(TokenAuth(read_token(o.token_file), self.stats, access))
         mb = o.limits.max_message_bytes
-        server = grpc.aio.server(interceptors=interceptors, options=[
+        server = grpc.aio.server(interceptors=interceptors or None, options=[
             ("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb),
             ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
         ])
