@@ -195,15 +195,17 @@ def normalize(gray: np.ndarray, _refine: bool = True) -> np.ndarray:
     """2-D grayscale (any size, either polarity, float or uint8 0..255) -> uint8 [28, 28].
 
     Steps: shrink to a working size; turn the ink white (the side of the background, read on
-    the border, that holds the extreme pixels is the ink); subtract the background's slow
-    variation (shading, vignetting); Otsu splits ink from paper and a soft ramp keeps the
+    the border, that holds the extreme pixels is the ink); take away the background (shading,
+    vignetting, shadows; on paper the ink is measured against the sheet's local brightness);
+    Otsu splits ink from paper and a soft ramp keeps the
     stroke edges; small or stray connected blobs (dust, paper texture, a table edge) are
     dropped; the ink is cut out, its stroke width brought near MNIST's, fitted into 20x20
     keeping the aspect ratio and placed by centre of mass in 28x28."""
     g = np.asarray(gray, dtype=np.float32)
     if g.ndim != 2 or g.size == 0:
         raise InvalidInput(f"expected a 2-D grayscale image, got shape {g.shape}")
-    if max(g.shape) < SMALL:
+    upsampled = max(g.shape) < SMALL
+    if upsampled:
         # A tiny scan (8x8, 16x16...): thresholding its few pixels would lose the grey levels that
         # carry the shape, so smooth it up first and treat it like any other picture.
         k = -(-2 * SMALL // max(g.shape))
@@ -214,14 +216,11 @@ def normalize(gray: np.ndarray, _refine: bool = True) -> np.ndarray:
         g = _resize(g, (max(1, round(g.shape[1] / scale)), max(1, round(g.shape[0] / scale))))
     else:
         scale = 1.0
-    ink = _ink_bright(g)
-    ink = _flatten(ink)
-    v = _soft_threshold(ink)
-    if v is None:
-        return np.zeros((SIDE, SIDE), np.uint8)  # a blank page: nothing to centre
-    box = _digit_box(v)
+    ink, paper = _ink_bright(g)
+    v = _soft_threshold(_flatten(ink, _background(ink, upsampled), paper))
+    box = _digit_box(v) if v is not None else None
     if box is None:
-        return np.zeros((SIDE, SIDE), np.uint8)
+        return np.zeros((SIDE, SIDE), np.uint8)  # a blank page: nothing to centre
     y0, y1, x0, x1 = box
     if _refine and scale > 1 and max(y1 - y0, x1 - x0) < WORK / 4:
         # A small digit on a large photo: cut it out of the full-resolution image, with a margin
@@ -238,35 +237,88 @@ def _resize(a: np.ndarray, size: tuple[int, int], resample=Image.Resampling.BOX)
     return np.asarray(Image.fromarray(np.ascontiguousarray(a, np.float32), "F").resize(size, resample))
 
 
-def _ink_bright(g: np.ndarray) -> np.ndarray:
+def _ink_bright(g: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(the picture with its ink bright, whether that meant inverting it)."""
     border = np.concatenate([g[0], g[-1], g[1:-1, 0], g[1:-1, -1]])
     back = float(np.median(border))
     # Dark ink on light paper (the usual photo or scan) has its extreme pixels below the paper.
     # Extreme enough that a small digit on a large, unevenly lit sheet still decides it.
     lo, hi = np.percentile(g, [0.05, 99.95])
-    if back - lo > hi - back:
-        return 255.0 - g
-    return g
+    dark, light = back - lo, hi - back
+    if min(g.shape) >= 48 and 0.5 < dark / max(light, 1e-3) < 2.0:
+        # Undecided (a shadow across the border, say): the ink is whichever side has the strong
+        # thin strokes, found by a top-hat (what a k x k opening or closing removes).
+        k = max(g.shape) // 10 | 1
+        light = float(np.percentile(g - _rank(_rank(g, k, np.minimum), k, np.maximum), 99.9))
+        dark = float(np.percentile(_rank(_rank(g, k, np.maximum), k, np.minimum) - g, 99.9))
+    if dark > light:
+        return 255.0 - g, True
+    return g, False
 
 
-def _flatten(ink: np.ndarray) -> np.ndarray:
-    """Subtract the background: a low percentile over a coarse grid of blocks (robust to the ink
-    covering most of a block), smoothed and stretched back over the image."""
+def _flatten(ink: np.ndarray, back: np.ndarray | float, paper: bool) -> np.ndarray:
+    """Take the background away.  Light falls on paper and ink alike, so on paper (`paper`: the
+    picture was dark ink on a light sheet) the ink's strength is measured against the local
+    brightness of the sheet, the same in a shadow as in full light."""
+    flat = ink - back
+    if paper and not np.isscalar(back):
+        flat *= 255.0 / np.maximum(255.0 - back, 16.0)
+    return flat
+
+
+def _background(ink: np.ndarray, upsampled: bool) -> np.ndarray | float:
+    """The background of an ink-bright picture.
+
+    A low percentile over a coarse grid of blocks (robust to ink covering most of a block),
+    smoothed and stretched back over the picture.  Being smooth, it would leave a hard shadow's
+    edge (a phone or a hand over the page) in the picture as a band of false ink.  A grey-level
+    opening (min then max over k x k) follows such edges and removes only what is thinner than
+    k, the strokes; but it also takes strokes wider than k (a marker digit cropped tight) for
+    background.  So the opening is used only where it differs from the grid over a large region
+    that reaches the picture's edge: light and shadow come from outside the frame, ink does not."""
     h, w = ink.shape
     n = 6
     if min(h, w) < 2 * n:
-        return ink - float(np.percentile(ink, 20))
+        return float(np.percentile(ink, 20))
     bh, bw = h // n, w // n  # the last few rows and columns are left out of the estimate
     blocks = ink[:bh * n, :bw * n].reshape(n, bh, n, bw).transpose(0, 2, 1, 3).reshape(n, n, -1)
     k = int(0.2 * (bh * bw - 1))
     grid = np.partition(blocks, k, axis=2)[:, :, k]
     if grid.max() - grid.min() < 1.0:
-        return ink - float(grid.min())  # flat background (a rendered image): nothing to model
+        return float(grid.min())  # flat background (a rendered image): nothing to model
     # A digit may still cover a whole block: take the darker of each block and its neighbours.
     pad = np.pad(grid, 1, mode="edge")
     grid = np.min([pad[dy:dy + n, dx:dx + n] for dy in range(3) for dx in range(3)], axis=0)
-    back = _resize(grid, (w, h), Image.Resampling.BILINEAR)
-    return ink - back
+    smooth = _resize(grid, (w, h), Image.Resampling.BILINEAR)
+    if min(h, w) < 48 or upsampled or grid.max() - grid.min() < 16:
+        return smooth  # a tiny scan or an evenly lit sheet: no shadow to follow
+    k = max(h, w) // 10 | 1
+    opened = _rank(_rank(ink, k, np.minimum), k, np.maximum)
+    differs = opened - smooth > 25
+    edge = np.concatenate([differs[0], differs[-1], differs[:, 0], differs[:, -1]])
+    if differs.mean() > 0.08 and edge.mean() > 0.1:
+        return opened
+    return smooth
+
+
+def _rank(a: np.ndarray, k: int, op) -> np.ndarray:
+    """k x k min or max filter (op: np.minimum or np.maximum), edges padded, separable; van Herk /
+    Gil-Werman running extremes, so the cost does not grow with k."""
+    for axis in (0, 1):
+        a = _run(np.moveaxis(a, axis, -1), k, op)
+        a = np.moveaxis(a, -1, axis)
+    return a
+
+
+def _run(a: np.ndarray, k: int, op) -> np.ndarray:
+    n, r = a.shape[-1], k // 2
+    length = n + 2 * r
+    m = -(-length // k) * k
+    a = np.pad(a, [(0, 0)] * (a.ndim - 1) + [(r, m - n - r)], mode="edge")
+    blocks = a.reshape(*a.shape[:-1], m // k, k)
+    prefix = op.accumulate(blocks, axis=-1).reshape(a.shape)
+    suffix = op.accumulate(blocks[..., ::-1], axis=-1)[..., ::-1].reshape(a.shape)
+    return op(suffix[..., :length - k + 1], prefix[..., k - 1:length])
 
 
 def _soft_threshold(ink: np.ndarray) -> np.ndarray | None:
@@ -371,6 +423,7 @@ def _digit_box(v: np.ndarray) -> tuple[int, int, int, int] | None:
             long = y1 - y0 > 0.8 * h or x1 - x0 > 0.8 * w
             if long and in_band[c] > 0.5 * mass[c] and mass[c] < mass.sum():
                 mass[c] = 0
+    _drop_frames(labels, boxes, mass)
     main = int(np.argmax(mass))
     if mass[main] <= 0:
         return None
@@ -396,6 +449,24 @@ def _digit_box(v: np.ndarray) -> tuple[int, int, int, int] | None:
         return None
     r, c = np.nonzero(sub.any(1))[0], np.nonzero(sub.any(0))[0]
     return y0 + r[0], y0 + r[-1] + 1, x0 + c[0], x0 + c[-1] + 1
+
+
+def _drop_frames(labels: np.ndarray, boxes: list[list[int]], mass: np.ndarray) -> None:
+    """A box drawn around the digit (a form's field, a frame) is a big blob whose ink lies along
+    its own bounding box and that holds other blobs inside: not the digit.  Its mass goes to 0."""
+    for c, (y0, y1, x0, x1) in enumerate(boxes, 1):
+        bh, bw = y1 - y0, x1 - x0
+        if mass[c] <= 0 or min(bh, bw) < 12:
+            continue
+        b = max(2, int(0.12 * min(bh, bw)))
+        ys, xs = np.nonzero(labels[y0:y1, x0:x1] == c)
+        inner = (ys >= b) & (ys < bh - b) & (xs >= b) & (xs < bw - b)
+        if inner.mean() > 0.1:
+            continue  # ink inside its own box: a digit (a 0, an 8...), not a frame
+        enclosed = sum(mass[d] for d, (v0, v1, u0, u1) in enumerate(boxes, 1)
+                       if d != c and v0 >= y0 and v1 <= y1 and u0 >= x0 and u1 <= x1)
+        if enclosed >= 0.1 * mass[c]:
+            mass[c] = 0.0
 
 
 def _stroke_width(v: np.ndarray) -> float:

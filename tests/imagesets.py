@@ -272,3 +272,58 @@ def uci_set(path: Path, kind: str = "scan") -> Iterator[Item]:
             yield encode(Image.fromarray((255 - a * 255).astype(np.uint8))), int(r[64])
         else:
             yield encode(ink_on_paper(a, rng, scale=12, noise=6, shade=40, blur=1.5), "JPEG", quality=85), int(r[64])
+
+
+# ---- harder photographs of paper ----
+
+PAPER_KINDS = ("pencil", "ruled", "grid", "shadow", "box", "rotated", "jpeg20")
+
+
+def sheet_photo(ink: np.ndarray, rng: np.random.Generator, kind: str) -> bytes:
+    """White-on-black ink (float 0..1) written on a 200x240 sheet and photographed: 'pencil'
+    (faint grey), 'ruled' (blue lines), 'grid' (squared paper), 'shadow' (a hard-edged shadow
+    across the page), 'box' (written in a form's box), 'rotated' (camera tilted up to 15
+    degrees), 'jpeg20' (heavy compression)."""
+    H, W = 240, 200
+    big = np.clip(np.asarray(Image.fromarray((ink * 255).astype(np.float32), "F")
+                             .resize((120, 120), Image.Resampling.BICUBIC)) / 255, 0, 1)
+    sheet = paper(rng, W, H, noise=6, shade=40)
+    if kind == "ruled":
+        for yy in range(int(rng.integers(0, 25)), H, 25):
+            sheet[yy:yy + 2] = sheet[yy:yy + 2] * 0.6 + np.array([120, 150, 230]) * 0.4
+    if kind == "grid":
+        for yy in range(int(rng.integers(0, 20)), H, 20):
+            sheet[yy:yy + 1] = sheet[yy:yy + 1] * 0.5 + 75
+        for xx in range(int(rng.integers(0, 20)), W, 20):
+            sheet[:, xx:xx + 1] = sheet[:, xx:xx + 1] * 0.5 + 75
+    y, x = int(rng.integers(20, H - 140)), int(rng.integers(10, W - 130))
+    a = np.zeros((H, W, 1), np.float32)
+    a[y:y + 120, x:x + 120, 0] = big
+    pen, strength = (np.array([110, 110, 115.0]), 0.6) if kind == "pencil" else (np.array([30, 30, 60.0]), 0.95)
+    img = sheet * (1 - a * strength) + pen * a * strength
+    if kind == "shadow":
+        yy, xx = np.mgrid[0:H, 0:W]
+        ang, off = rng.uniform(0, math.pi), rng.uniform(-40, 40)
+        side = (xx - W / 2) * math.cos(ang) + (yy - H / 2) * math.sin(ang) > off
+        img = img * np.where(side, rng.uniform(0.45, 0.65), 1.0)[..., None]
+    out = Image.fromarray(img.clip(0, 255).astype(np.uint8), "RGB")
+    if kind == "box":
+        ImageDraw.Draw(out).rectangle((x - 8, y - 8, x + 128, y + 128), outline=(40, 40, 40), width=3)
+    if kind == "rotated":
+        out = out.rotate(rng.uniform(-15, 15), resample=Image.Resampling.BILINEAR,
+                         fillcolor=tuple(int(v) for v in sheet[0, 0]))
+    return encode(out.filter(ImageFilter.GaussianBlur(0.8)), "JPEG", quality=20 if kind == "jpeg20" else 85)
+
+
+def paper_set(kind: str, n: int, x: np.ndarray | None = None, y: np.ndarray | None = None, seed: int = 0) -> list[Item]:
+    """n sheet photos of `kind`: MNIST digits (x, y given) or the synthetic pen's."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n):
+        if x is not None:
+            ink, label = x[i] / 255.0, int(y[i])
+        else:
+            label = i % 10
+            ink = draw_digit(label, rng)
+        items.append((sheet_photo(ink, rng, kind), label))
+    return items

@@ -95,6 +95,16 @@ def test_synthetic_pen_digits(predict, kind, floor):
     assert acc >= floor
 
 
+@pytest.mark.parametrize("kind", S.PAPER_KINDS)
+def test_harder_sheet_photos(mnist, predict, kind):
+    """Pencil, ruled and squared paper, a hard shadow, a form's box, a tilted camera, JPEG at
+    quality 20: MNIST's digits and the synthetic pen's, 60 of each."""
+    items = S.paper_set(kind, 60, mnist.test_x[3000:], mnist.test_y[3000:], seed=8) + S.paper_set(kind, 60, seed=9)
+    acc, _ = accuracy(predict, items)
+    print(f"sheet photo {kind}: {acc:.1%}")
+    assert acc >= 0.85
+
+
 def test_font_digits(predict):
     """Every font on this machine (DejaVu and matplotlib's Computer Modern and STIX at least)."""
     items = S.font_set(5)
