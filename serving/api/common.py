@@ -137,7 +137,7 @@ def unary(serving: Serving, api: str, method: str, fn, count: Callable, model_ca
             code = "CANCELLED"
             raise
         except Exception as e:
-            if isinstance(e, grpc.aio.AbortError) or type(e).__name__ == "AbortError":
+            if isinstance(e, grpc.aio.AbortError):  # a handler that aborted by itself
                 code = _code_name(context)
                 raise
             log.exception("%s failed", full)
@@ -184,11 +184,11 @@ def stream(serving: Serving, api: str, method: str, fn):
             status, message = grpc_status(e)
             code = status.name
             await context.abort(status, message)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away
             code = "CANCELLED"
             raise
         except Exception as e:
-            if type(e).__name__ == "AbortError":
+            if isinstance(e, grpc.aio.AbortError):
                 code = _code_name(context)
                 raise
             log.exception("%s failed", full)
