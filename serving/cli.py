@@ -8,20 +8,16 @@ good mid-job.  Each failure ends with one line on stderr, never a traceback.
 from __future__ import annotations
 
 import collections
-import csv
-import io
 import json
 import os
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import click
 
 from . import __version__, sources
-from .client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, Client, ClientError, LocalClassifier, Prediction
+from .client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, Client, ClientError, LocalClassifier
+from .output import WRITERS, Progress, Sink, Tally
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 CONNECT_S = 3.0  # at the start, an unreachable server ends the job after at most this long
@@ -162,10 +158,10 @@ def classify(paths, server, timeout, tls, tls_ca, tls_cert, tls_key, tls_server_
             meta.extend((e.source, e.label) for e in entries)
             yield from batch
 
-    sink = _Sink(output)
+    sink = Sink(output)
     writer = WRITERS[fmt](sink.file, top_k)
-    tally = _Tally()
-    bar = _Progress(enabled=progress)
+    tally = Tally()
+    bar = Progress(enabled=progress)
     code = EXIT_OK
     try:
         with backend:
@@ -201,178 +197,6 @@ def _local(path: str) -> LocalClassifier:
         return LocalClassifier(path)
     except BadModel as e:
         raise click.BadParameter(str(e), param_hint="--local") from None
-
-
-class _Sink:
-    """stdout, or FILE written through a temp file that replaces FILE only when the job completes."""
-
-    def __init__(self, output: str | None):
-        self.path = Path(output) if output else None
-        self._tmp = None
-        if self.path is None:
-            self.file = sys.stdout
-            return
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent or ".")
-        except OSError as e:
-            raise click.BadParameter(f"cannot write in {self.path.parent}: {e.strerror}", param_hint="--output")
-        self._tmp = Path(tmp)
-        self.file = io.open(fd, "w", encoding="utf-8", newline="")
-
-    def commit(self) -> None:
-        if self._tmp is None:
-            self.file.flush()
-            return
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self._tmp, self.path)
-
-    def abort(self) -> None:
-        if self._tmp is not None:
-            self.file.close()
-            self._tmp.unlink(missing_ok=True)
-
-
-# ---- output formats ----
-
-class JsonLines:
-    def __init__(self, file, top_k):
-        self.file = file
-
-    def row(self, source: str, label: int | None, p: Prediction) -> None:
-        # Written by hand: json.dumps of a dict per image is a third of the client's time.
-        parts = ['{"source": ', json.dumps(source)]
-        if p.error is None:
-            parts += [', "digit": %d, "confidence": %.6f, "probabilities": [' % (p.digit, p.probability),
-                      ", ".join(["%.6f" % x for x in p.probabilities]), "]"]
-            if p.top_k:
-                parts += [', "top_k": [', ", ".join(['{"digit": %d, "confidence": %.6f}' % kv for kv in p.top_k]), "]"]
-        else:
-            parts += [', "error": ', json.dumps(p.error), ', "code": ', json.dumps(p.code)]
-        if label is not None:
-            parts.append(', "label": %d' % label)
-        parts.append("}\n")
-        self.file.write("".join(parts))
-
-    def close(self) -> None:
-        self.file.flush()
-
-
-class Csv:
-    def __init__(self, file, top_k):
-        self.w = csv.writer(file, lineterminator="\n")
-        self.top_k = top_k
-        self.file = file
-        self.w.writerow(["source", "digit", "confidence", "label", "error"] + [f"p{i}" for i in range(10)]
-                        + (["top_k"] if top_k else []))
-
-    def row(self, source, label, p: Prediction) -> None:
-        lab = "" if label is None else label
-        if p.error is None:
-            row = [source, p.digit, f"{p.probability:.6f}", lab, ""] + [f"{x:.6f}" for x in p.probabilities]
-        else:
-            row = [source, "", "", lab, p.error] + [""] * 10
-        if self.top_k:
-            row.append(" ".join(f"{k}:{v:.4f}" for k, v in p.top_k))
-        self.w.writerow(row)
-
-    def close(self) -> None:
-        self.file.flush()
-
-
-class Table:
-    """Aligned columns for a person at a terminal; long paths keep their tail."""
-
-    def __init__(self, file, top_k):
-        self.file, self.top_k = file, top_k
-        width = shutil.get_terminal_size((100, 24)).columns
-        self.src_w = max(20, min(60, width - 40 - (12 * top_k if top_k else 0)))
-        head = f"{'SOURCE':<{self.src_w}}  DIGIT  CONFIDENCE  LABEL"
-        self.file.write(head + ("  TOP-K" if top_k else "") + "\n")
-
-    def row(self, source, label, p: Prediction) -> None:
-        s = source if len(source) <= self.src_w else "…" + source[-(self.src_w - 1):]
-        lab = "" if label is None else str(label)
-        if p.error is not None:
-            self.file.write(f"{s:<{self.src_w}}  error: {p.error}\n")
-            return
-        mark = "" if label is None else (" ok" if label == p.digit else " WRONG")
-        line = f"{s:<{self.src_w}}  {p.digit:>5}  {p.probability:>9.2%}  {lab:>5}{mark}"
-        if self.top_k:
-            line += "  " + " ".join(f"{k}:{v:.0%}" for k, v in p.top_k)
-        self.file.write(line + "\n")
-
-    def close(self) -> None:
-        self.file.flush()
-
-
-WRITERS = {"jsonl": JsonLines, "csv": Csv, "table": Table}
-
-
-class _Tally:
-    """Counts, and accuracy with a confusion matrix over the labelled images."""
-
-    def __init__(self):
-        self.n = self.failed = self.labelled = self.correct = 0
-        self.confusion = [[0] * 10 for _ in range(10)]
-
-    def add(self, label: int | None, p: Prediction) -> None:
-        self.n += 1
-        if p.error is not None:
-            self.failed += 1
-            return
-        if label is not None:
-            self.labelled += 1
-            self.correct += label == p.digit
-            self.confusion[label][p.digit] += 1
-
-    def summary(self, file, seconds: float) -> None:
-        if not self.labelled:
-            return
-        acc = self.correct / self.labelled
-        failed = f"; {self.failed:,} failed" if self.failed else ""
-        rate = f", {self.n / seconds:,.0f} images/s" if seconds > 0 else ""
-        lines = [f"accuracy {acc:.2%}: {self.correct:,} of {self.labelled:,} labelled images right{failed}"
-                 f" ({self.n:,} images in {seconds:.2f} s{rate})",
-                 "confusion matrix (rows: true label, columns: predicted digit)",
-                 "      " + "".join(f"{d:>6}" for d in range(10))]
-        for t in range(10):
-            lines.append(f"{t:>6}" + "".join(f"{c:>6}" for c in self.confusion[t]))
-        file.write("\n".join(lines) + "\n")
-        file.flush()
-
-
-class _Progress:
-    """One self-rewriting line on stderr, from one second into the job, at most 10 times a second."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.t0 = time.monotonic()
-        self._next = self.t0 + 1.0
-        self._shown = False
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.t0
-
-    def update(self, n: int, failed: int) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if now < self._next:
-            return
-        self._next = now + 0.1
-        rate = n / (now - self.t0)
-        msg = f"\r{n:,} images  {rate:,.0f}/s" + (f"  {failed:,} failed" if failed else "")
-        sys.stderr.write(msg + "\x1b[K")
-        sys.stderr.flush()
-        self._shown = True
-
-    def close(self) -> None:
-        if self._shown:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
-            self._shown = False
 
 
 # ---- health and info ----

@@ -77,7 +77,6 @@ MNIST_KINDS = ("inverted", "scaled", "offcentre", "colour", "jpeg", "photo")
 
 def mnist_variant(kind: str, digit: np.ndarray, rng: np.random.Generator) -> bytes:
     """One MNIST test digit (uint8 28x28, white on black) as the `kind` of file a user sends."""
-    im = Image.fromarray(digit)
     if kind == "inverted":  # dark ink on white paper, same size
         return encode(Image.fromarray(255 - digit))
     if kind == "scaled":  # a bigger scan, dark on light

@@ -2,7 +2,6 @@
 real-world-looking images, judged by the exported model's answers."""
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 
