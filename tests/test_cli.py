@@ -268,3 +268,19 @@ def test_progress_only_on_a_terminal(server, sample_dir):
     assert "\r" not in r.stderr  # a pipe gets no progress bar
     r = run("classify", sample_dir, "--server", server.address, "--progress")
     assert r.exit_code == 0  # forced on: still a clean run (the bar appears after a second)
+
+
+from test_server import pki  # noqa: E402,F401  (the server tests' CA, server and client certificates)
+
+
+def test_tls_options(onnx_model, pki, sample_dir):  # noqa: F811
+    from fixtures_serving import thread_server
+
+    with thread_server(onnx_model, tls_cert=pki / "server.crt", tls_key=pki / "server.key",
+                       tls_client_ca=pki / "ca.crt") as s:
+        tls = ["--tls-ca", pki / "ca.crt", "--tls-cert", pki / "client.crt", "--tls-key", pki / "client.key"]
+        r = run("classify", sample_dir / "2", "--server", s.address, *tls)
+        assert r.exit_code == 0 and jsonl(r.stdout)
+        assert run("health", "--server", s.address, *tls).exit_code == 0
+        r = run("classify", sample_dir / "2", "--server", s.address, "--tls-ca", pki / "ca.crt", "--timeout", "1")
+        assert r.exit_code == 3 and "Traceback" not in r.output

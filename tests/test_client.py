@@ -190,3 +190,26 @@ def test_local_backend_matches_the_server(server, onnx_model, mnist):
     ok = [i for i in range(len(items)) if i != 150]
     assert np.allclose([mine[i].probabilities for i in ok], [remote[i].probabilities for i in ok], atol=1e-5)
     assert [mine[0].top_k[0][0], mine[0].top_k[1][0]] == [remote[0].top_k[0][0], remote[0].top_k[1][0]]
+
+
+from test_server import pki  # noqa: E402,F401  (the server tests' CA, server and client certificates)
+
+
+def test_tls_and_mutual_tls(onnx_model, pki, mnist):  # noqa: F811
+    with thread_server(onnx_model, tls_cert=pki / "server.crt", tls_key=pki / "server.key") as s:
+        with Client(s.address, tls_ca=pki / "ca.crt") as c:
+            assert c.health() == "SERVING" and len(c.classify(mnist.test_x[:3])) == 3
+        with Client(f"localhost:{s.port}", tls_ca=(pki / "ca.crt").read_bytes(), tls_server_name="localhost") as c:
+            assert len(list(c.classify_stream(mnist.test_x[:3]))) == 3
+        with Client(s.address, timeout=1) as c:  # plain text to a TLS port
+            with pytest.raises(ClientError) as e:
+                c.health()
+            assert e.value.unreachable
+    with thread_server(onnx_model, tls_cert=pki / "server.crt", tls_key=pki / "server.key",
+                       tls_client_ca=pki / "ca.crt") as s:
+        with Client(s.address, tls_ca=pki / "ca.crt", timeout=1) as c:  # no client certificate
+            with pytest.raises(ClientError) as e:
+                c.classify(mnist.test_x[:1])
+            assert e.value.unreachable
+        with Client(s.address, tls_ca=pki / "ca.crt", tls_cert=pki / "client.crt", tls_key=pki / "client.key") as c:
+            assert [p.digit for p in c.classify(mnist.test_x[:5])] == [p.digit for p in c.classify_stream(mnist.test_x[:5])]
