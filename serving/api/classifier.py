@@ -10,7 +10,7 @@ from protos.network3.v1 import classifier_pb2_grpc as pb_grpc
 
 from .. import preprocess
 from ..errors import InvalidInput, Network3Error, Overloaded, grpc_status
-from .common import Serving, deadline_of, now, pipelined, stream, unary
+from .common import Serving, deadline_of, now, parser, pipelined, stream, unary
 
 API = "network3.v1.DigitClassifier"
 PIXELS = preprocess.PIXELS
@@ -19,9 +19,11 @@ PIXELS = preprocess.PIXELS
 class ClassifierServicer(pb_grpc.DigitClassifierServicer):
     def __init__(self, serving: Serving) -> None:
         self.s = serving
-        self.Classify = unary(serving, API, "Classify", self._classify, _count, model_call=True)
-        self.ClassifyStream = stream(serving, API, "ClassifyStream", self._classify_stream)
-        self.GetModelInfo = unary(serving, API, "GetModelInfo", self._model_info, lambda r: 0)
+        request = parser(pb.ClassifyRequest)
+        self.Classify = unary(serving, API, "Classify", self._classify, _count, model_call=True, parse=request)
+        self.ClassifyStream = stream(serving, API, "ClassifyStream", self._classify_stream, parse=request)
+        self.GetModelInfo = unary(serving, API, "GetModelInfo", self._model_info, lambda r: 0,
+                                  parse=parser(pb.GetModelInfoRequest))
 
     # -- Classify -------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from typing import Callable
 import grpc
 
 from ..batcher import DynamicBatcher
-from ..errors import Network3Error, Unavailable, grpc_status
+from ..errors import InvalidInput, Network3Error, Unavailable, grpc_status
 from ..metrics import MethodStats, Stats
 
 log = logging.getLogger("network3.server")
@@ -115,19 +115,46 @@ def _request_id(context) -> str | None:
     return None
 
 
-def unary(serving: Serving, api: str, method: str, fn, count: Callable, model_call: bool = False, rid_of=None):
-    """Wrap `async fn(request, context) -> response` as a grpc.aio unary handler."""
+def parser(message_type) -> Callable:
+    """raw request bytes -> a `message_type` message, or InvalidInput.
+
+    The server registers our handlers without a deserializer (server.add_service), because grpc
+    answers a message its own deserializer cannot parse (corrupt wire format, invalid UTF-8 in
+    a string field) with UNKNOWN, or INTERNAL inside a stream, before any handler runs and
+    without counting it.  A message passed in already parsed (in-process callers) is kept.
+    """
+    def parse(raw):
+        if not isinstance(raw, bytes):
+            return raw
+        try:
+            return message_type.FromString(raw)
+        except Exception as e:  # protobuf's DecodeError; any failure to parse is the sender's
+            raise InvalidInput(f"request: {e}") from None
+
+    return parse
+
+
+def _as_is(request):
+    return request
+
+
+def unary(serving: Serving, api: str, method: str, fn, count: Callable, model_call: bool = False, rid_of=None,
+          parse: Callable = _as_is):
+    """Wrap `async fn(request, context) -> response` as a grpc.aio unary handler.
+    `parse` turns the raw request into the message (see parser)."""
     ms: MethodStats = serving.stats.method(api, method)
     access, stats = serving.access, serving.stats
     full = f"{api}.{method}"
 
-    async def handler(request, context):
+    async def handler(raw, context):
         t0 = now()
         code = "OK"
+        request = None
         serving.inflight += 1
         try:
             if serving.draining:
                 raise Unavailable("server is shutting down: retry on another replica")
+            request = parse(raw)
             return await fn(request, context)
         except Network3Error as e:
             status, message = grpc_status(e)
@@ -155,16 +182,17 @@ def unary(serving: Serving, api: str, method: str, fn, count: Callable, model_ca
                 stats.record_model_request(code == "OK", dt)
             if access is not None:
                 # v2 requests carry their own id; ours may send x-request-id metadata.
-                rid = (rid_of(request) or access.new_id()) if rid_of else (_request_id(context) or access.new_id())
+                rid = ((rid_of(request) if request is not None else "") if rid_of else _request_id(context)) or access.new_id()
                 access.write(rid, full, code, images, dt)
 
     return handler
 
 
-def stream(serving: Serving, api: str, method: str, fn):
+def stream(serving: Serving, api: str, method: str, fn, parse: Callable = _as_is):
     """Wrap `async gen fn(request_iterator, context, tally)` as a grpc.aio stream-stream handler.
 
     `tally` is a [messages, images] list the generator updates; one access line per stream.
+    A streamed message that does not `parse` ends the stream with INVALID_ARGUMENT.
     """
     ms: MethodStats = serving.stats.method(api, method)
     access = serving.access
@@ -178,7 +206,7 @@ def stream(serving: Serving, api: str, method: str, fn):
         try:
             if serving.draining:
                 raise Unavailable("server is shutting down: retry on another replica")
-            async for response in fn(request_iterator, context, tally):
+            async for response in fn(_parsed(request_iterator, parse), context, tally):
                 yield response
         except Network3Error as e:
             status, message = grpc_status(e)
@@ -202,6 +230,11 @@ def stream(serving: Serving, api: str, method: str, fn):
                 access.write(_request_id(context) or access.new_id(), full, code, tally[1], dt)
 
     return handler
+
+
+async def _parsed(request_iterator, parse):
+    async for raw in request_iterator:
+        yield parse(raw)
 
 
 def _code_name(context) -> str:

@@ -20,7 +20,7 @@ from protos.inference import model_config_pb2 as mc
 from .. import __version__, preprocess
 from ..errors import InvalidInput, ModelNotFound, Network3Error, Overloaded
 from ..model import CLASSES, INPUT_NAME, OUTPUT_NAMES
-from .common import Serving, deadline_of, now, pipelined, stream, unary
+from .common import Serving, deadline_of, now, parser, pipelined, stream, unary
 
 API = "inference.GRPCInferenceService"
 EXTENSIONS = ["classification", "model_configuration", "statistics"]
@@ -38,10 +38,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                          ("ModelReady", self._model_ready), ("ServerMetadata", self._server_metadata),
                          ("ModelMetadata", self._model_metadata), ("ModelConfig", self._model_config),
                          ("ModelStatistics", self._model_statistics)]:
-            setattr(self, name, unary(serving, API, name, fn, zero))
-        self.ModelInfer = unary(serving, API, "ModelInfer", self._model_infer, _count, model_call=True,
-                                rid_of=lambda r: r.id)
-        self.ModelStreamInfer = stream(serving, API, "ModelStreamInfer", self._model_stream_infer)
+            setattr(self, name, unary(serving, API, name, fn, zero, parse=parser(getattr(pb, f"{name}Request"))))
+        infer = parser(pb.ModelInferRequest)
+        count = lambda r: _count(r, serving.limits.max_images_per_request)  # noqa: E731
+        self.ModelInfer = unary(serving, API, "ModelInfer", self._model_infer, count, model_call=True,
+                                rid_of=lambda r: r.id, parse=infer)
+        self.ModelStreamInfer = stream(serving, API, "ModelStreamInfer", self._model_stream_infer, parse=infer)
 
     # -- health and metadata ----------------------------------------------------------------
 
@@ -129,7 +131,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             tally[0] += 1
             t0 = now()
             try:
-                tally[1] += _count(request)
+                tally[1] += _count(request, self.s.limits.max_images_per_request)
                 self._check_model(request.model_name, request.model_version)
                 x = self._input(request)
                 outputs = self._outputs(request)
@@ -250,8 +252,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                      outputs=tensors, raw_output_contents=raws)
 
 
-def _count(request) -> int:
-    return int(request.inputs[0].shape[0]) if request.inputs and request.inputs[0].shape else 0
+def _count(request, limit: int = 1 << 31) -> int:
+    """The images a request declares, for the counters: 0 for a batch size we refuse, so that a
+    hostile shape ([-2**63, ...] or [2**62, ...]) cannot move them."""
+    n = int(request.inputs[0].shape[0]) if request.inputs and request.inputs[0].shape else 0
+    return n if 0 < n <= limit else 0
 
 
 def _classification(values: np.ndarray, k: int, labels: list[str]) -> bytes:
