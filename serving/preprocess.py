@@ -133,7 +133,13 @@ def decode_many(datas: Iterable[bytes], max_pixels: int = MAX_PIXELS
     out = np.zeros((len(datas), SIDE, SIDE), np.uint8)
     errors: list[Exception | None] = [None] * len(datas)
     small: list[int] = []
-    others: list[tuple[int, Image.Image]] = []
+
+    def normalize_into(i: int, im: Image.Image) -> None:
+        try:
+            out[i] = normalize(to_gray(im))
+        except Exception as e:  # never let one odd image sink the batch
+            errors[i] = e if isinstance(e, (InvalidInput, Overloaded)) else InvalidInput(_why(e))
+
     for i, data in enumerate(datas):
         try:
             im = open_image(data, max_pixels)
@@ -144,15 +150,16 @@ def decode_many(datas: Iterable[bytes], max_pixels: int = MAX_PIXELS
             out[i] = np.asarray(im)
             small.append(i)
         else:
-            others.append((i, im))
+            # At once, so only one decoded image is alive at a time: a request of many small
+            # files that each decode to max_pixels (zlib packs 36 MP of zeros into 35 KB) must
+            # not hold them all in memory together.
+            normalize_into(i, im)
+            del im
     if small:
         ok = _is_mnist(out[small])
-        others += [(i, Image.fromarray(out[i])) for i, good in zip(small, ok) if not good]
-    for i, im in others:
-        try:
-            out[i] = normalize(to_gray(im))
-        except Exception as e:  # never let one odd image sink the batch
-            errors[i] = e if isinstance(e, (InvalidInput, Overloaded)) else InvalidInput(_why(e))
+        for i, good in zip(small, ok):
+            if not good:
+                normalize_into(i, Image.fromarray(out[i]))
     return out, errors
 
 
