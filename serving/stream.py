@@ -24,6 +24,11 @@ from .predictions import ClientError, Item, Prediction, _code_name, _flat, _from
 END = object()  # next_token(): every item has been answered
 
 
+# A whole request refused with these is sent again (within the timeout): the server is busy, not
+# the request wrong.
+RETRY_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], grpc.StatusCode.UNAVAILABLE.value[0]})
+
+
 class Stream:
     """The response side: one ClassifyStream call at a time, reopened (and the unanswered
     requests sent again) when the server goes away, within `timeout`."""
@@ -62,6 +67,16 @@ class Stream:
                 self._open()
                 continue
             self._watchdog.progress()
+            if resp.HasField("error") and resp.error.code in RETRY_CODES:
+                # The server refused this request for now (its queue is full): go back to it after
+                # a pause, on a new stream, with everything sent after it, so the order holds.
+                self._retry_end = self._retry_end or time.monotonic() + self.timeout
+                if self._backoff.wait(self._retry_end):
+                    self._watchdog.stop()
+                    self._call.cancel()
+                    self._feed.rewind()
+                    self._open()
+                    continue
             self._backoff.reset()
             self._retry_end = None
             n = len(self._feed.answered().images)

@@ -213,3 +213,13 @@ def test_tls_and_mutual_tls(onnx_model, pki, mnist):  # noqa: F811
             assert e.value.unreachable
         with Client(s.address, tls_ca=pki / "ca.crt", tls_cert=pki / "client.crt", tls_key=pki / "client.key") as c:
             assert [p.digit for p in c.classify(mnist.test_x[:5])] == [p.digit for p in c.classify_stream(mnist.test_x[:5])]
+
+
+def test_a_full_queue_is_waited_out(onnx_model, mnist, predict):
+    """Requests refused with RESOURCE_EXHAUSTED (queue full) are sent again after a pause, in
+    order: every image is answered, none fails."""
+    with thread_server(onnx_model, batcher={"max_queue_size": 100, "max_queue_delay_us": 20_000}) as s:
+        with Client(s.address, timeout=30) as c:
+            out = list(c.classify_stream(mnist.test_x[:1500], batch_size=60, window=6))
+        assert s.stats.rejected_images > 0  # the queue did fill up
+    assert all(p.ok for p in out) and [p.digit for p in out] == predict(mnist.test_x[:1500]).tolist()
