@@ -165,7 +165,7 @@ def _soft_threshold(ink: np.ndarray) -> np.ndarray | None:
     # Otsu splits badly when the ink is a tiny fraction of the picture (a small digit on a page):
     # it cuts into the paper's own noise.  The paper's level (the histogram's peak) and its noise
     # (measured on the dark side of the peak, where no ink is) put a floor under the threshold.
-    peak = int(np.argmax(np.convolve(hist, [1.0, 2.0, 1.0], "same")))
+    peak = int(np.argmax(np.convolve(hist, [1.0, 2.0, 1.0], "same")[:t + 1]))  # paper is the dark class
     left = ink[ink <= peak]
     sigma = float(np.sqrt(np.mean((left - peak) ** 2))) if left.size > 16 else 0.0
     t = max(t, int(min(peak + 5 * sigma, 254)))
@@ -255,6 +255,9 @@ def _digit_box(v: np.ndarray) -> tuple[int, int, int, int] | None:
             if long and in_band[c] > 0.5 * mass[c] and mass[c] < mass.sum():
                 mass[c] = 0
     _drop_frames(labels, boxes, mass)
+    if mass.max() <= 0:  # everything looked like an edge or a frame: a digit cropped tight after all
+        mass = np.bincount(labels.ravel(), weights=v.ravel(), minlength=n + 1)
+        mass[0] = 0
     main = int(np.argmax(mass))
     if mass[main] <= 0:
         return None
