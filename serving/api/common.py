@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import sys
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -63,6 +64,10 @@ def deadline_of(context) -> float | None:
 
 # ------------------------------------------------------------------------------ access log --
 
+_SAFE_ID = re.compile(r"[\w.:/+=@#-]{1,128}", re.ASCII)
+_UNSAFE_ID = re.compile(r"[^\w.:/+=@#-]", re.ASCII)
+
+
 class AccessLog:
     """One line per RPC: `<time> access id=.. method=.. code=.. images=.. ms=..`.
 
@@ -83,6 +88,10 @@ class AccessLog:
         return f"{self._prefix}{next(self._ids)}"
 
     def write(self, rid: str, method: str, code: str, images: int, seconds: float) -> None:
+        if not _SAFE_ID.fullmatch(rid):
+            # Ids come from clients (the v2 `id`, x-request-id): a newline or a space in one
+            # must not forge a line or a field.
+            rid = _UNSAFE_ID.sub("_", rid[:128])
         t = time.time()
         second = int(t)
         if second != self._second:  # strftime once a second, not once a line
