@@ -24,6 +24,7 @@ import sys
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def _read_maybe_gz(path: Path) -> bytes:
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
-        except (OSError, EOFError, zipfile.BadZipFile) as e:
+        except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:  # zlib.error: damaged deflate data
             raise DataError(f"{path}: corrupt gzip ({e})") from None
     return raw
 
@@ -211,15 +212,20 @@ def load_pickle(path: Path) -> Mnist:
         with gzip.open(io.BytesIO(raw)) as f:
             # Nielsen's is a Python 2 pickle: its byte strings are latin-1.
             splits = RestrictedUnpickler(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, OSError, EOFError, ValueError) as e:
-        raise DataError(f"{path}: cannot read pickle ({e})") from None
+    except Exception as e:  # a damaged pickle fails in many ways: TypeError, MemoryError, zlib.error...
+        raise DataError(f"{path}: cannot read pickle ({e or type(e).__name__})") from None
     out = []
-    for (x, y) in splits:
-        x = np.asarray(x, dtype=np.float64) * 256.0  # floats are uint8/256 exactly
-        if not np.array_equal(x, np.round(x)) or x.min() < 0 or x.max() > 255:
-            raise DataError(f"{path}: pixel values are not uint8/256")
-        out += [x.astype(np.uint8).reshape(-1, 28, 28), np.asarray(y).astype(np.uint8)]
-    return Mnist(*out, source=f"pickle:{path.name}", files={path.name: digest})
+    try:
+        for (x, y) in splits:
+            x = np.asarray(x, dtype=np.float64) * 256.0  # floats are uint8/256 exactly
+            if not np.array_equal(x, np.round(x)) or x.min() < 0 or x.max() > 255:
+                raise DataError(f"{path}: pixel values are not uint8/256")
+            out += [x.astype(np.uint8).reshape(-1, 28, 28), np.asarray(y).astype(np.uint8)]
+        return Mnist(*out, source=f"pickle:{path.name}", files={path.name: digest})
+    except DataError:
+        raise
+    except Exception as e:  # not three (images, labels) pairs of arrays
+        raise DataError(f"{path}: not MNIST's layout ({e or type(e).__name__})") from None
 
 
 # ------------------------------------------------------------- cache ----
@@ -280,7 +286,7 @@ def fetch_mirrors(dest: Path) -> dict[str, Path] | None:
                     raw = r.read()
                 try:
                     inner = gzip.decompress(raw)
-                except OSError as e:
+                except (OSError, EOFError, zlib.error) as e:
                     raise DataError(f"{base}{stem}.gz: corrupt gzip ({e})") from None
                 if sha256_bytes(inner) != IDX_SHA256[stem]:
                     raise DataError(f"{base}{stem}.gz: sha256 does not match the pinned MNIST file")
