@@ -184,6 +184,9 @@ def classify(paths, server, timeout, tls, tls_ca, tls_cert, tls_key, tls_server_
     summary_to = sink.file if fmt == "table" else sys.stderr
     tally.summary(summary_to, bar.elapsed())
     sink.commit()
+    if tally.n == 0:
+        click.echo("network3: no images found (image files: " + ", ".join(sorted(sources.IMAGE_SUFFIXES))
+                   + "; or IDX files)", err=True)
     if tally.failed:
         code = EXIT_FAILED
         click.echo(f"network3: {tally.failed:,} of {tally.n:,} images could not be classified", err=True)

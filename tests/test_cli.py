@@ -284,3 +284,9 @@ def test_tls_options(onnx_model, pki, sample_dir):  # noqa: F811
         assert run("health", "--server", s.address, *tls).exit_code == 0
         r = run("classify", sample_dir / "2", "--server", s.address, "--tls-ca", pki / "ca.crt", "--timeout", "1")
         assert r.exit_code == 3 and "Traceback" not in r.output
+
+
+def test_an_empty_folder_says_so(server, tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    r = run("classify", tmp_path, "--server", server.address)
+    assert r.exit_code == 0 and r.stdout == "" and "no images found" in r.stderr
