@@ -7,7 +7,8 @@
 Like tritonclient: a context manager, a deadline on every call, and every grpc.RpcError turned
 into one exception, `ClientError`, which carries the status code.  UNAVAILABLE (a server
 restarting, a dropped connection) is retried with backoff until `timeout` seconds have passed
-without an answer; nothing else is retried.
+without an answer, and so, in a stream, is a request refused whole because the server is busy
+(RESOURCE_EXHAUSTED: its queue is full); nothing else is retried.
 
 An image is encoded file bytes (PNG, JPEG, ...; the server decodes it) or a uint8 [28, 28]
 array already in MNIST format (see `serving.preprocess`); in a stream an item may also be an
