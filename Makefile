@@ -34,7 +34,8 @@ evaluate: install
 test: install
 	$(PY) -m pytest -q
 
-bench: bench-train bench-export bench-serve bench-client
+# Every bench-* target, in one go (a quiet machine only: a benchmark is void while anything else runs).
+bench: bench-train bench-export bench-serve bench-client bench-preprocess
 
 bench-train: install
 	$(PY) benchmarks/bench_train.py --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE))
@@ -75,6 +76,12 @@ bench-serve: install
 		$(PY) -m pip install -q --disable-pip-version-check nvidia-cuda-runtime-cu12
 	$(PY) benchmarks/bench_serve.py --model $(MODEL) $(BENCH_SERVE_ARGS)
 
+
+# Serve MODEL on 127.0.0.1:PORT until Ctrl-C (SERVE_ARGS for anything else: --metrics-port, --token-file...).
+SERVE_ARGS ?=
+serve: install
+	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
+	$(BIN)/network3 serve --model $(MODEL) --port $(PORT) $(SERVE_ARGS)
 
 # ---- client and demo ----
 # Classify images with the client: SERVER=host:port (else $$NETWORK3_SERVER, else 127.0.0.1:$(PORT)),
