@@ -164,7 +164,10 @@ def fit(cfg: Config, opts: RunOptions, mnist: data_mod.Mnist | None = None) -> d
     train_seconds = 0.0
 
     if opts.resume and (out / "last.pt").exists():
-        ckpt = torch.load(out / "last.pt", map_location=device, weights_only=True)
+        try:
+            ckpt = torch.load(out / "last.pt", map_location=device, weights_only=True)
+        except Exception as e:  # pickle errors (a file that carries code), zip errors: one clear line
+            raise ValueError(f"{out / 'last.pt'}: not a network3 checkpoint ({str(e).splitlines()[0][:200]})") from None
         if Config.from_dict(ckpt["config"]) != cfg:
             raise ValueError(f"{out / 'last.pt'}: its config differs from this run's; resume with the same options")
         model.load_state_dict(ckpt["model"])
