@@ -435,7 +435,7 @@ def tensor_data(draw, shape: list[int], datatype: str) -> tuple[bytes | None, v2
     x = rng.random(items, np.float32)
     if how == "special":
         x[rng.integers(0, items, draw(st.integers(1, 5)))] = draw(st.sampled_from(SPECIAL_FLOATS))
-    raw = x.tobytes() if datatype != "UINT8" else (x * 255).astype(np.uint8).tobytes()
+    raw = x.tobytes() if datatype != "UINT8" else (np.nan_to_num(x, posinf=1, neginf=0).clip(0, 1) * 255).astype(np.uint8).tobytes()
     if how == "random":
         raw = rng.bytes(len(raw))
     elif how == "size":
