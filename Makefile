@@ -111,3 +111,16 @@ bench-preprocess: install
 	$(PY) benchmarks/preprocess_report.py --model $(MODEL)
 
 # ---- reliability ----
+# Hostile input with a longer budget than `make test` gives it: FUZZ_EXAMPLES fresh random
+# examples per fuzz test (make test runs 40, the same ones every time).
+FUZZ_EXAMPLES ?= 2000
+fuzz: install
+	NETWORK3_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
+
+# The server under a mix of clients for SOAK_SECONDS (default 600), then overloaded past its
+# queue, then the mix again (quiet machine only).  SOAK_ARGS for more, e.g. --json soak.json.
+SOAK_SECONDS ?= 600
+SOAK_ARGS ?=
+soak: install
+	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
+	$(PY) benchmarks/soak.py --model $(MODEL) --seconds $(SOAK_SECONDS) $(SOAK_ARGS)
