@@ -9,7 +9,6 @@ a server restart (test_client.py), SIGTERM drain and SIGHUP reload with a trunca
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -134,7 +133,7 @@ def test_a_client_killed_mid_stream_frees_its_work(onnx_model, digits, api):
     goes on serving."""
     pixels, labels = digits
     # The queue delay holds the requests in the batcher's queue long enough to kill the client.
-    with thread_server(onnx_model, batcher={"max_queue_delay_us": 3_000_000}) as s:
+    with thread_server(onnx_model, batcher={"max_queue_delay_us": 2_000_000}) as s:
         batcher, stats = s.server.serving.batcher, s.stats
         computed = stats.inference_count()
         client = subprocess.Popen([sys.executable, "-c", CLIENT, api, s.address, "10"], cwd=ROOT,
