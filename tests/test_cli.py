@@ -270,7 +270,6 @@ def test_progress_only_on_a_terminal(server, sample_dir):
     assert r.exit_code == 0  # forced on: still a clean run (the bar appears after a second)
 
 
-from test_server import pki  # noqa: E402,F401  (the server tests' CA, server and client certificates)
 
 
 def test_tls_options(onnx_model, pki, sample_dir):  # noqa: F811

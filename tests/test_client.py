@@ -192,7 +192,6 @@ def test_local_backend_matches_the_server(server, onnx_model, mnist):
     assert [mine[0].top_k[0][0], mine[0].top_k[1][0]] == [remote[0].top_k[0][0], remote[0].top_k[1][0]]
 
 
-from test_server import pki  # noqa: E402,F401  (the server tests' CA, server and client certificates)
 
 
 def test_tls_and_mutual_tls(onnx_model, pki, mnist):  # noqa: F811

@@ -365,42 +365,6 @@ def _wait_until(condition, timeout: float = 20) -> None:
 
 # ------------------------------------------------------------------------------ security --
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    """A self-signed CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    import ipaddress
-
-    out = tmp_path_factory.mktemp("pki")
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def make(name, issuer_name=None, issuer_key=None, ca=False, san=None, usage=None):
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name or subject)
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if san:
-            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        if usage:
-            b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        cert = b.sign(issuer_key or key, hashes.SHA256())
-        (out / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (out / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                             serialization.NoEncryption()))
-        return cert, key
-
-    ca_cert, ca_key = make("ca", ca=True)
-    make("server", ca_cert.subject, ca_key, san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-         usage=ExtendedKeyUsageOID.SERVER_AUTH)
-    make("client", ca_cert.subject, ca_key, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
-    return out
-
-
 def _tls_channel(s, pki, client_cert=True):
     creds = grpc.ssl_channel_credentials(
         root_certificates=(pki / "ca.crt").read_bytes(),
