@@ -4,9 +4,9 @@ The layer stack is Nielsen's (chapter 6, `network3.py`):
 
     [ConvPool(1->20, 5x5, pool 2)] [ConvPool(20->40, 5x5, pool 2)] FC... Softmax(->10)
 
-Nielsen adds the conv bias and applies the activation *after* pooling; for a per-channel
-bias and a monotonic activation that equals conv -> activation -> pool, so we use the
-ordinary PyTorch order.  The model returns logits: softmax belongs to the loss and to
+Nielsen adds the conv bias and applies the activation *after* pooling, and so do we (it
+costs a quarter of the activations; for a per-channel bias and a monotonic activation it
+equals the usual conv -> activation -> pool).  The model returns logits: softmax belongs to the loss and to
 export.  Everything that shapes the net lives in `Config`, which is saved inside every
 checkpoint and inside the ONNX metadata, so later steps rebuild the net from the file.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
