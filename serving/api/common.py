@@ -165,20 +165,14 @@ def unary(serving: Serving, api: str, method: str, fn, count: Callable, model_ca
                 raise Unavailable("server is shutting down: retry on another replica")
             request = parse(raw)
             return await fn(request, context)
-        except Network3Error as e:
-            status, message = grpc_status(e)
-            code = status.name
-            await context.abort(status, message)
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
         except Exception as e:
-            if isinstance(e, grpc.aio.AbortError):  # a handler that aborted by itself
-                code = _code_name(context)
+            code, status, message = _outcome(e, context, full, method)
+            if status is None:
                 raise
-            log.exception("%s failed", full)
-            code = "INTERNAL"
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(e).__name__}")
+            await context.abort(status, message)
         finally:
             serving.inflight -= 1
             dt = now() - t0
@@ -217,20 +211,14 @@ def stream(serving: Serving, api: str, method: str, fn, parse: Callable = _as_is
                 raise Unavailable("server is shutting down: retry on another replica")
             async for response in fn(_parsed(request_iterator, parse), context, tally):
                 yield response
-        except Network3Error as e:
-            status, message = grpc_status(e)
-            code = status.name
-            await context.abort(status, message)
         except (asyncio.CancelledError, GeneratorExit):  # the client went away
             code = "CANCELLED"
             raise
         except Exception as e:
-            if isinstance(e, grpc.aio.AbortError):
-                code = _code_name(context)
+            code, status, message = _outcome(e, context, full, method)
+            if status is None:
                 raise
-            log.exception("%s failed", full)
-            code = "INTERNAL"
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(e).__name__}")
+            await context.abort(status, message)
         finally:
             serving.inflight -= 1
             dt = now() - t0
@@ -244,6 +232,21 @@ def stream(serving: Serving, api: str, method: str, fn, parse: Callable = _as_is
 async def _parsed(request_iterator, parse):
     async for raw in request_iterator:
         yield parse(raw)
+
+
+def _outcome(e: Exception, context, full: str, method: str) -> tuple[str, grpc.StatusCode | None, str]:
+    """The status a failed RPC ends with: (code name, status to abort with or None to re-raise, message).
+
+    Domain errors map through `errors.grpc_status`; an abort the handler made itself passes
+    through; anything else is a bug, logged with its traceback and answered INTERNAL.
+    """
+    if isinstance(e, Network3Error):
+        status, message = grpc_status(e)
+        return status.name, status, message
+    if isinstance(e, grpc.aio.AbortError):
+        return _code_name(context), None, ""
+    log.exception("%s failed", full)
+    return "INTERNAL", grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(e).__name__}"
 
 
 def _code_name(context) -> str:
