@@ -32,6 +32,26 @@ def test_default_on_5000_images_one_epoch(tmp_path, mnist):
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bf16_autocast_on_cpu_trains_and_says_so(tmp_path, mnist):
+    # --precision bf16 on a CPU: autocast with float32 weights, so the checkpoint stays float32.
+    report = fit(get("default", epochs=1), RunOptions(out=tmp_path, device="cpu", limit_train=5000, quiet=True,
+                                                      plots=False, precision="bf16"), mnist)
+    assert report["precision"] == "bf16" and report["test_accuracy"] >= 0.90
+    model, _ = load_checkpoint(tmp_path / "best.pt")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match="unknown precision"):
+        fit(get("default", epochs=1), RunOptions(out=tmp_path, device="cpu", limit_train=640, precision="fp16"), mnist)
+
+
+def test_clean_epochs_train_the_last_epochs_without_augmentation(tmp_path, mnist, monkeypatch):
+    calls = []
+    real = train_mod.random_affine
+    monkeypatch.setattr(train_mod, "random_affine", lambda x, gen: calls.append(len(x)) or real(x, gen))
+    cfg = get("default", epochs=3, batch_size=64, clean_epochs=1)
+    fit(cfg, RunOptions(out=tmp_path, device="cpu", limit_train=640, plots=False, quiet=True), mnist)
+    assert calls == [64] * 20  # epochs 1 and 2 augment every batch of 10; epoch 3 none
+
+
 def test_best_checkpoint_follows_validation(tmp_path, mnist):
     cfg = get("nielsen-relu", epochs=2, batch_size=50, lr=0.1)
     report = fit(cfg, RunOptions(out=tmp_path, device="cpu", limit_train=3000, plots=False, quiet=True), mnist)
@@ -76,11 +96,33 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, mnist, monke
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 3
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert cfg.ema > 0  # default averages its weights: both the average and the optimiser's weights resume
+    for part in ("model", "train_model"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert (tmp_path / "straight" / "metrics.jsonl").read_text().count("\n") == 3
     assert [json.loads(l)["test_accuracy"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()] == \
            [json.loads(l)["test_accuracy"] for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ema_moves_weights_and_batchnorm_statistics_toward_the_net():
+    from training.model import Network3
+    net = Network3(get("default"))
+    ema = train_mod.Ema(net, 0.9)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for t in net.state_dict().values():
+            if t.is_floating_point():
+                t.add_(1.0)  # weights, biases and batch norm's running mean and variance
+    ema.update(step=10_000)  # past the warm-up: the full decay
+    for k, v in ema.module.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, before[k] + 0.1, atol=1e-6), k
+    ema.update(step=0)  # the first step: decay 1/10, so 90% of the way to the net
+    for k, v in ema.module.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, before[k] + 0.1 + 0.9 * 0.9, atol=1e-5), k
+    assert not any(p.requires_grad for p in ema.module.parameters())
 
 
 def test_resume_refuses_a_different_config(tmp_path, mnist):
@@ -117,6 +159,7 @@ def test_cli_trains_and_evaluates(tmp_path):
     (["train", "--preset", "nope"], 2, "unknown preset 'nope'"),
     (["train", "--epochs", "0"], 2, "--epochs"),
     (["train", "--device", "tpu"], 2, "--device"),
+    (["train", "--precision", "fp16"], 2, "--precision"),
     (["evaluate", "/does/not/exist.pt"], 2, "does not exist"),
 ])
 def test_cli_usage_errors(args, code, message):

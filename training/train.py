@@ -7,6 +7,7 @@ optimiser, schedule, epoch and the generator that shuffles and augments).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import json
@@ -40,6 +41,8 @@ class RunOptions:
     quiet: bool = False
     # Stop as soon as test accuracy reaches this (bench-train's "time to accuracy"); None: never.
     target_accuracy: float | None = None
+    # "auto": bfloat16 autocast on CUDA, float32 elsewhere; "fp32" or "bf16" to choose.
+    precision: str = "auto"
 
 
 def pick_device(name: str) -> torch.device:
@@ -70,6 +73,30 @@ def random_affine(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     theta = torch.stack([torch.stack([cos, -sin + shear, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+
+class Ema:
+    """Exponential moving average of the weights: the net that is evaluated and delivered.
+
+    The weights after SGD's last step are a noisy sample; their average over the last
+    ~1/(1 - decay) steps is a better net, most of all early (here `default` first reaches 98.9%
+    after about 0.5 epochs instead of 0.6-0.7).  Batch norm's running statistics are averaged
+    too, so they describe the averaged weights (copying them instead cost a tenth of an epoch).
+    The decay warms up as (1 + step) / (10 + step) until it reaches `decay`, so a short run is
+    not an average dominated by its random start.  One fused lerp a step: about 0.1 ms here.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        floats = [(a, b) for a, b in zip(self.module.state_dict().values(), model.state_dict().values())
+                  if a.is_floating_point()]
+        self._pairs = ([a for a, _ in floats], [b for _, b in floats])
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(*self._pairs, 1 - decay)
 
 
 # ------------------------------------------------------------ checkpoints ----
@@ -125,7 +152,7 @@ def make_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
     else:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
     if cfg.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.25)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=cfg.warmup)
     elif cfg.schedule == "constant":
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     else:
@@ -156,10 +183,17 @@ def fit(cfg: Config, opts: RunOptions, mnist: data_mod.Mnist | None = None) -> d
     if steps_per_epoch == 0:
         raise ValueError(f"{n} training images is less than one batch of {cfg.batch_size}")
 
-    model = Network3(cfg).to(device)
+    # channels_last: oneDNN's (and cuDNN's) fast convolution layout; on this 2-core CPU the
+    # training step ran 1.35x faster with it.  Checkpoints hold plain tensors either way.
+    fmt = torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
+    model = Network3(cfg).to(device, memory_format=fmt)
     opt, sched = make_optimizer(cfg, model, steps_per_epoch * cfg.epochs)
     gen = torch.Generator(device="cpu").manual_seed(opts.seed)
-    use_amp = device.type == "cuda"
+    if opts.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"unknown precision {opts.precision!r}; choose auto, fp32 or bf16")
+    use_amp = opts.precision == "bf16" or (opts.precision == "auto" and device.type == "cuda")
+    ema = Ema(model, cfg.ema) if cfg.ema else None
+    net = ema.module if ema else model  # the net that is evaluated, checkpointed as "model" and exported
     start_epoch, history, best = 0, [], {"val_accuracy": -1.0, "epoch": 0}
     train_seconds = 0.0
 
@@ -170,7 +204,9 @@ def fit(cfg: Config, opts: RunOptions, mnist: data_mod.Mnist | None = None) -> d
             raise ValueError(f"{out / 'last.pt'}: not a network3 checkpoint ({str(e).splitlines()[0][:200]})") from None
         if Config.from_dict(ckpt["config"]) != cfg:
             raise ValueError(f"{out / 'last.pt'}: its config differs from this run's; resume with the same options")
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
+        if ema:
+            ema.module.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         gen.set_state(ckpt["rng"]["generator"])
@@ -182,7 +218,9 @@ def fit(cfg: Config, opts: RunOptions, mnist: data_mod.Mnist | None = None) -> d
     def ckpt_dict(epoch: int) -> dict:
         return {
             "version": CHECKPOINT_VERSION, "preset": cfg.preset, "config": cfg.to_dict(),
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            # With an average, the optimiser's own weights too: --resume continues from them.
+            **({"train_model": model.state_dict()} if ema else {}),
             "epoch": epoch, "history": history, "best": best, "train_seconds": train_seconds,
             "rng": {"generator": gen.get_state(), "torch": torch.get_rng_state()},
             "data_sha256": mnist.data_sha256, "seed": opts.seed,
@@ -190,7 +228,7 @@ def fit(cfg: Config, opts: RunOptions, mnist: data_mod.Mnist | None = None) -> d
             "test_accuracy": history[-1]["test_accuracy"] if history else None,
         }
 
-    predict = torch_predict(model, device)
+    predict = torch_predict(net, device)
 
     def accuracy(split: str) -> float:
         px, py = mnist.split(split)
@@ -205,12 +243,14 @@ def fit(cfg: Config, opts: RunOptions, mnist: data_mod.Mnist | None = None) -> d
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen = 0
+        augment = cfg.augment == "affine" and epoch < cfg.epochs - cfg.clean_epochs
         for step in range(steps_per_epoch):
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             xb = x_all[idx].float().mul_(SCALE)
             yb = y_all[idx]
-            if cfg.augment == "affine":
+            if augment:
                 xb = random_affine(xb, gen)
+            xb = xb.contiguous(memory_format=fmt)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = model(xb)
                 loss = loss_fn(cfg, logits.float(), yb)
@@ -218,6 +258,8 @@ def fit(cfg: Config, opts: RunOptions, mnist: data_mod.Mnist | None = None) -> d
             loss.backward()
             opt.step()
             sched.step()
+            if ema:
+                ema.update(sched.last_epoch)  # the scheduler counts steps, and resumes with them
             loss_sum += loss.detach() * len(yb)
             correct += (logits.argmax(1) == yb).sum()
             seen += len(yb)
@@ -263,7 +305,7 @@ def fit(cfg: Config, opts: RunOptions, mnist: data_mod.Mnist | None = None) -> d
             reached = row
             break
 
-    report = _report(cfg, opts, mnist, device, out, history, best, train_seconds, reached)
+    report = _report(cfg, opts, mnist, device, use_amp, out, history, best, train_seconds, reached)
     report["history"] = history  # returned to callers (bench-train), not written to report.json
     return report
 
@@ -278,12 +320,13 @@ def _write_metrics(out: Path, history: list[dict]) -> None:
     data_mod.atomic_write(out / "metrics.jsonl", lambda f: f.write(lines.encode()))
 
 
-def _report(cfg, opts, mnist, device, out, history, best, train_seconds, reached) -> dict:
+def _report(cfg, opts, mnist, device, use_amp, out, history, best, train_seconds, reached) -> dict:
     from .presets import BOOK_ACCURACY
     report = {
         "preset": cfg.preset, "config": cfg.to_dict(), "seed": opts.seed,
         "epochs": len([r for r in history if not r.get("partial")]),
         "train_seconds": round(train_seconds, 2), "device": str(device),
+        "precision": "bf16" if use_amp else "fp32",
         "torch": torch.__version__, "data_sha256": mnist.data_sha256, "data_source": mnist.source,
         "data_files": mnist.files, "book_accuracy": BOOK_ACCURACY.get(cfg.preset),
         "target_reached": reached,
