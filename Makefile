@@ -10,6 +10,7 @@ DEVICE ?= auto
 SEED ?= 0
 MODEL ?= models/$(PRESET).onnx
 PORT ?= 50051
+PRECISION ?=
 TRAIN_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
@@ -26,7 +27,7 @@ data: install
 	$(BIN)/network3-train data
 
 train: install
-	$(BIN)/network3-train train --preset $(PRESET) --device $(DEVICE) --seed $(SEED) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
+	$(BIN)/network3-train train --preset $(PRESET) --device $(DEVICE) --seed $(SEED) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(PRECISION),--precision $(PRECISION)) $(TRAIN_ARGS)
 
 evaluate: install
 	$(BIN)/network3-train evaluate runs/$(PRESET)/best.pt
@@ -38,7 +39,7 @@ test: install
 bench: bench-train bench-export bench-serve bench-client bench-preprocess
 
 bench-train: install
-	$(PY) benchmarks/bench_train.py --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE))
+	$(PY) benchmarks/bench_train.py --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE)) $(if $(PRECISION),--precision $(PRECISION))
 
 clean:
 	rm -rf runs models demo/samples .pytest_cache
