@@ -14,7 +14,7 @@ PRECISION ?=
 TRAIN_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install data train evaluate export serve classify demo test protos bench bench-train bench-export bench-serve bench-client soak fuzz clean
+.PHONY: install data train evaluate export serve classify demo test protos book bench bench-train bench-export bench-serve bench-client soak fuzz clean
 
 # The stamp makes `install` idempotent: pip runs again only when pyproject.toml changes.
 install: $(VENV)/.installed
@@ -37,6 +37,12 @@ test: install
 
 # Every bench-* target, in one go (a quiet machine only: a benchmark is void while anything else runs).
 bench: bench-train bench-export bench-serve bench-client bench-preprocess
+
+# The book's table: every nielsen-* preset x 3 seeds into runs/book/, resumable: run it again
+# after an interruption (hours on a CPU; BOOK_ARGS="--workers 6" on a GPU box, DEVICE=cuda).
+book: install
+	$(PY) benchmarks/book.py run --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE)) $(BOOK_ARGS)
+	$(PY) benchmarks/book.py table
 
 bench-train: install
 	$(PY) benchmarks/bench_train.py --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE)) $(if $(PRECISION),--precision $(PRECISION))
