@@ -168,6 +168,15 @@ def test_cli_usage_errors(args, code, message):
     assert message in res.output
 
 
+def test_a_version_1_batchnorm_checkpoint_is_refused_with_the_reason(tmp_path, checkpoint):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    assert ckpt["version"] == 2 and ckpt["config"]["batchnorm"]
+    ckpt["version"] = 1  # as written before batch norm moved after the pool
+    torch.save(ckpt, tmp_path / "v1.pt")
+    with pytest.raises(ValueError, match="version-1 checkpoint with batch norm before the pool"):
+        load_checkpoint(tmp_path / "v1.pt")
+
+
 def test_cli_bad_checkpoint_is_one_line(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

@@ -26,7 +26,8 @@ from . import data as data_mod
 from .evaluate import evaluate, summarize, scores, torch_predict
 from .model import Config, Network3, count_parameters, loss_fn, param_groups
 
-CHECKPOINT_VERSION = 1
+# 2: batch norm moved after the pool, so a version-1 net with batch norm no longer fits Network3.
+CHECKPOINT_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -112,12 +113,18 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-        model = Network3(Config.from_dict(ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
+        cfg = Config.from_dict(ckpt["config"])
+        old = ckpt.get("version", 1) < 2 and cfg.batchnorm
+        if not old:
+            model = Network3(cfg)
+            model.load_state_dict(ckpt["model"])
     except FileNotFoundError:
         raise
     except Exception as e:  # pickle errors, zip errors, missing keys: one clear line
         raise ValueError(f"{path}: not a network3 checkpoint ({str(e).splitlines()[0][:200]})") from None
+    if old:
+        raise ValueError(f"{path}: a version-1 checkpoint with batch norm before the pool, which this network3 "
+                         "no longer builds; retrain it (its exported .onnx still serves)")
     return model.to(device).eval(), ckpt
 
 
