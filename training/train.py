@@ -196,6 +196,10 @@ def fit(cfg: Config, opts: RunOptions, mnist: data_mod.Mnist | None = None) -> d
     model = Network3(cfg).to(device, memory_format=fmt)
     opt, sched = make_optimizer(cfg, model, steps_per_epoch * cfg.epochs)
     gen = torch.Generator(device="cpu").manual_seed(opts.seed)
+    # Augmentation draws its random numbers where the batch lives: on CUDA a host-side draw is a
+    # copy from pageable memory every step, which waits for the GPU and stalls the launch queue.
+    # On a CPU (and MPS) it is the same generator, so CPU runs keep their seeds' results.
+    aug_gen = torch.Generator(device=device).manual_seed(opts.seed) if device.type == "cuda" else gen
     if opts.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"unknown precision {opts.precision!r}; choose auto, fp32 or bf16")
     use_amp = opts.precision == "bf16" or (opts.precision == "auto" and device.type == "cuda")
@@ -216,8 +220,13 @@ def fit(cfg: Config, opts: RunOptions, mnist: data_mod.Mnist | None = None) -> d
             ema.module.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        gen.set_state(ckpt["rng"]["generator"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        # map_location moved every tensor to the device; generator states must be CPU byte tensors.
+        gen.set_state(ckpt["rng"]["generator"].cpu())
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        if aug_gen is not gen:
+            aug_gen.set_state(ckpt["rng"]["augment"].cpu())
+        if "cuda" in ckpt["rng"] and device.type == "cuda":  # dropout's masks on a GPU
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
         start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt["best"]
         train_seconds = ckpt.get("train_seconds", 0.0)
         progress.line(f"resumed {out / 'last.pt'} at epoch {start_epoch}")
@@ -229,7 +238,9 @@ def fit(cfg: Config, opts: RunOptions, mnist: data_mod.Mnist | None = None) -> d
             # With an average, the optimiser's own weights too: --resume continues from them.
             **({"train_model": model.state_dict()} if ema else {}),
             "epoch": epoch, "history": history, "best": best, "train_seconds": train_seconds,
-            "rng": {"generator": gen.get_state(), "torch": torch.get_rng_state()},
+            "rng": {"generator": gen.get_state(), "torch": torch.get_rng_state(),
+                    **({"augment": aug_gen.get_state(), "cuda": torch.cuda.get_rng_state(device)}
+                       if device.type == "cuda" else {})},
             "data_sha256": mnist.data_sha256, "seed": opts.seed,
             "val_accuracy": history[-1]["val_accuracy"] if history else None,
             "test_accuracy": history[-1]["test_accuracy"] if history else None,
@@ -256,7 +267,7 @@ def fit(cfg: Config, opts: RunOptions, mnist: data_mod.Mnist | None = None) -> d
             xb = x_all[idx].float().mul_(SCALE)
             yb = y_all[idx]
             if augment:
-                xb = random_affine(xb, gen)
+                xb = random_affine(xb, aug_gen)
             xb = xb.contiguous(memory_format=fmt)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = model(xb)
