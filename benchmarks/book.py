@@ -102,16 +102,20 @@ def collect(root: Path) -> list[dict]:
 
 def table(args) -> None:
     rows = collect(args.root)
-    print("| preset | book | median of seeds | best | seeds | epochs | training seconds per run |")
-    print("|---|---|---|---|---|---|---|")
+    print("| preset | book | median of seeds | best | seeds | epochs | batch, lr | training seconds per run |")
+    print("|---|---|---|---|---|---|---|---|")
     for preset in BOOK:
         mine = [r for r in rows if r["name"] == preset]
         if not mine:
             continue
         acc = [r["test_accuracy"] for r in mine]
         secs = [r["train_seconds"] for r in mine]
+        # A row may mix learning rates (a seed rerun lower after dying): show each seed's.
+        lrs = sorted({(r["config"]["batch_size"], r["config"]["lr"]) for r in mine})
+        recipe = ", ".join(f"{b}, {lr:g}" for b, lr in lrs) if len(lrs) == 1 else \
+            "; ".join(f"s{r['seed']}: {r['config']['batch_size']}, {r['config']['lr']:g}" for r in mine)
         print(f"| `{preset}` | {100 * BOOK_ACCURACY[preset]:.2f}% | {100 * statistics.median(acc):.2f}% "
-              f"| {100 * max(acc):.2f}% | {len(acc)} | {mine[0]['config']['epochs']} "
+              f"| {100 * max(acc):.2f}% | {len(acc)} | {mine[0]['config']['epochs']} | {recipe} "
               f"| {min(secs):.0f}-{max(secs):.0f} |")
     if args.jsonl:
         args.jsonl.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,46 @@
+"""benchmarks/book.py: the learning rate each preset gets at batch 100, and the README table it prints."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import book  # noqa: E402
+
+
+def test_learning_rates_at_batch_100():
+    assert book.lr_for("nielsen-relu", 10) is None  # the preset's own batch keeps its own eta
+    assert book.lr_for("nielsen-sigmoid", 100) == 1.0  # eta 0.1 x 10
+    assert book.lr_for("nielsen-expanded", 100) == 0.3  # eta 0.03 x 10
+    for wide in ("nielsen-fc300", "nielsen-fc1000", "nielsen-2fc", "nielsen-dropout"):
+        assert book.lr_for(wide, 100) == 0.1  # died at 0.3
+    with pytest.raises(SystemExit, match="no learning rate known"):
+        book.lr_for("nielsen-relu", 32)
+
+
+def _fake_run(root: Path, preset: str, seed: int, acc: float, lr: float) -> None:
+    d = root / f"{preset}-s{seed}"
+    d.mkdir(parents=True)
+    (d / "report.json").write_text(json.dumps({
+        "preset": preset, "seed": seed, "test_accuracy": acc, "best_epoch": 50, "val_accuracy": acc,
+        "config": {"batch_size": 100, "lr": lr, "weight_decay": 2e-5, "epochs": 60},
+        "train_seconds": 1500.0 + seed, "device": "cpu", "torch": "x"}))
+    (d / "metrics.jsonl").write_text(json.dumps({"test_accuracy": acc}) + "\n")
+
+
+def test_table_shows_median_best_and_each_seeds_lr_when_they_differ(tmp_path):
+    _fake_run(tmp_path, "nielsen-2fc", 0, 0.9939, 0.3)
+    _fake_run(tmp_path, "nielsen-2fc", 1, 0.9941, 0.1)
+    _fake_run(tmp_path, "nielsen-2fc", 2, 0.9938, 0.3)
+    _fake_run(tmp_path, "nielsen-expanded", 0, 0.9932, 0.3)
+    (tmp_path / "dead-nielsen-2fc-s1-lr0.3").mkdir()  # set aside: not a row
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "book.py"), "--root", str(tmp_path),
+                          "table", "--jsonl", str(tmp_path / "rows.jsonl")],
+                         capture_output=True, text=True, check=True).stdout
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| `")}
+    assert "| 99.39% | 99.41% | 3 | 60 | s0: 100, 0.3; s1: 100, 0.1; s2: 100, 0.3 | 1500-1502 |" in rows["`nielsen-2fc`"]
+    assert "| 99.32% | 99.32% | 1 | 60 | 100, 0.3 |" in rows["`nielsen-expanded`"]
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 4
