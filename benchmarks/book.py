@@ -47,6 +47,18 @@ def lr_for(preset: str, batch_size: int) -> float | None:
     raise SystemExit(f"no learning rate known for {preset} at batch {batch_size}; use 10 or 100")
 
 
+def wd_for(preset: str, lr: float | None) -> float | None:
+    """Weight decay that keeps the book's L2 shrinkage per epoch at batch 100 and this lr.
+
+    SGD shrinks each weight by lr * weight_decay a step. Ten times fewer steps at eta x 10 shrink
+    as much per epoch as the book's; at a smaller lr the decay grows to make up the difference.
+    """
+    cfg = PRESETS[preset]
+    if lr is None or cfg.weight_decay == 0:
+        return None
+    return float(f"{cfg.weight_decay * (10 * cfg.lr) / lr:.6g}")
+
+
 def run(args) -> None:
     jobs = [(p, s) for p in args.presets.split(",") for s in args.seeds.split(",")]
     for p, _ in jobs:
@@ -70,6 +82,9 @@ def run(args) -> None:
             lr = lr_for(preset, args.batch_size)
             if lr is not None:
                 cmd += ["--lr", str(lr)]
+            wd = wd_for(preset, lr)
+            if wd is not None and abs(wd - PRESETS[preset].weight_decay) > 1e-12:
+                cmd += ["--weight-decay", repr(wd)]
             out.mkdir(parents=True, exist_ok=True)
             print(f"start {out}", flush=True)
             with open(out.with_suffix(".log"), "ab") as log:
@@ -102,7 +117,7 @@ def collect(root: Path) -> list[dict]:
 
 def table(args) -> None:
     rows = collect(args.root)
-    print("| preset | book | median of seeds | best | seeds | epochs | batch, lr | training seconds per run |")
+    print("| preset | book | median of seeds | best | seeds | epochs | batch, lr, L2 | training seconds per run |")
     print("|---|---|---|---|---|---|---|---|")
     for preset in BOOK:
         mine = [r for r in rows if r["name"] == preset]
@@ -110,10 +125,12 @@ def table(args) -> None:
             continue
         acc = [r["test_accuracy"] for r in mine]
         secs = [r["train_seconds"] for r in mine]
-        # A row may mix learning rates (a seed rerun lower after dying): show each seed's.
-        lrs = sorted({(r["config"]["batch_size"], r["config"]["lr"]) for r in mine})
-        recipe = ", ".join(f"{b}, {lr:g}" for b, lr in lrs) if len(lrs) == 1 else \
-            "; ".join(f"s{r['seed']}: {r['config']['batch_size']}, {r['config']['lr']:g}" for r in mine)
+        # A row may mix recipes (a seed rerun at a lower lr after dying): then show each seed's.
+        def recipe_of(c: dict) -> str:
+            return f"{c['batch_size']}, {c['lr']:g}, {c['weight_decay']:g}"
+        recipes = {recipe_of(r["config"]) for r in mine}
+        recipe = recipes.pop() if len(recipes) == 1 else \
+            "; ".join(f"s{r['seed']}: {recipe_of(r['config'])}" for r in mine)
         print(f"| `{preset}` | {100 * BOOK_ACCURACY[preset]:.2f}% | {100 * statistics.median(acc):.2f}% "
               f"| {100 * max(acc):.2f}% | {len(acc)} | {mine[0]['config']['epochs']} | {recipe} "
               f"| {min(secs):.0f}-{max(secs):.0f} |")

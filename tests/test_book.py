@@ -21,6 +21,18 @@ def test_learning_rates_at_batch_100():
         book.lr_for("nielsen-relu", 32)
 
 
+def test_weight_decay_keeps_the_books_shrinkage_per_epoch():
+    # lr x weight_decay x steps per epoch, the book's (batch 10) against batch 100's
+    for preset in ("nielsen-relu", "nielsen-expanded", "nielsen-fc300", "nielsen-fc1000"):
+        cfg, lr = book.PRESETS[preset], book.lr_for(preset, 100)
+        wd = book.wd_for(preset, lr) if book.wd_for(preset, lr) is not None else cfg.weight_decay
+        assert lr * wd == pytest.approx(cfg.lr * cfg.weight_decay * 10)
+    assert book.wd_for("nielsen-expanded", 0.3) == book.PRESETS["nielsen-expanded"].weight_decay
+    assert book.wd_for("nielsen-fc300", 0.1) == 1.2e-5  # 3x the preset's 4e-6 at a third of eta x 10
+    assert book.wd_for("nielsen-dropout", 0.1) is None  # no L2 in the book's dropout run
+    assert book.wd_for("nielsen-relu", None) is None
+
+
 def _fake_run(root: Path, preset: str, seed: int, acc: float, lr: float) -> None:
     d = root / f"{preset}-s{seed}"
     d.mkdir(parents=True)
@@ -41,6 +53,6 @@ def test_table_shows_median_best_and_each_seeds_lr_when_they_differ(tmp_path):
                           "table", "--jsonl", str(tmp_path / "rows.jsonl")],
                          capture_output=True, text=True, check=True).stdout
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| `")}
-    assert "| 99.39% | 99.41% | 3 | 60 | s0: 100, 0.3; s1: 100, 0.1; s2: 100, 0.3 | 1500-1502 |" in rows["`nielsen-2fc`"]
-    assert "| 99.32% | 99.32% | 1 | 60 | 100, 0.3 |" in rows["`nielsen-expanded`"]
+    assert "| 99.39% | 99.41% | 3 | 60 | s0: 100, 0.3, 2e-05; s1: 100, 0.1, 2e-05; s2: 100, 0.3, 2e-05 | 1500-1502 |" in rows["`nielsen-2fc`"]
+    assert "| 99.32% | 99.32% | 1 | 60 | 100, 0.3, 2e-05 |" in rows["`nielsen-expanded`"]
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 4

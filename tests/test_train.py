@@ -145,9 +145,12 @@ def test_cli_trains_and_evaluates(tmp_path):
     runner = CliRunner()
     out = tmp_path / "run"
     res = runner.invoke(cli, ["train", "--preset", "default", "--epochs", "1", "--limit-train", "2000",
-                              "--device", "cpu", "--out", str(out), "--no-plots"])
+                              "--device", "cpu", "--out", str(out), "--no-plots", "--lr", "0.05",
+                              "--weight-decay", "1e-4"])
     assert res.exit_code == 0, res.output
     assert "test accuracy" in res.output
+    config = json.loads((out / "report.json").read_text())["config"]
+    assert (config["lr"], config["weight_decay"]) == (0.05, 1e-4)  # overrides reach the run
     res = runner.invoke(cli, ["evaluate", str(out / "best.pt"), "--json"])
     assert res.exit_code == 0, res.output
     result = json.loads(res.output.strip().splitlines()[-1])
@@ -160,6 +163,7 @@ def test_cli_trains_and_evaluates(tmp_path):
     (["train", "--epochs", "0"], 2, "--epochs"),
     (["train", "--device", "tpu"], 2, "--device"),
     (["train", "--precision", "fp16"], 2, "--precision"),
+    (["train", "--weight-decay", "-1"], 2, "--weight-decay"),
     (["evaluate", "/does/not/exist.pt"], 2, "does not exist"),
 ])
 def test_cli_usage_errors(args, code, message):

@@ -60,6 +60,8 @@ def _preset_names() -> list[str]:
 @click.option("--epochs", type=click.IntRange(min=1), help="Override the preset's number of epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Override the preset's mini-batch size.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Override the preset's learning rate.")
+@click.option("--weight-decay", type=click.FloatRange(min=0),
+              help="Override the preset's L2 weight decay (SGD's weight_decay, on weights, not biases).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
               help="auto picks CUDA, then MPS, then CPU.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
@@ -74,7 +76,7 @@ def _preset_names() -> list[str]:
               help="Stop once test accuracy reaches this fraction (for time-to-accuracy benchmarks).")
 @click.option("--eval-every", type=click.FloatRange(0, 1, min_open=True),
               help="Evaluate every this fraction of an epoch (evaluation time is not counted).")
-def train(preset, list_presets, epochs, batch_size, lr, device, precision, seed, limit_train, out, resume, data_dir,
+def train(preset, list_presets, epochs, batch_size, lr, weight_decay, device, precision, seed, limit_train, out, resume, data_dir,
           no_plots, target_accuracy, eval_every) -> None:
     """Train a preset; writes OUT/{best,last}.pt, metrics.jsonl, report.json, curves.png, errors.png."""
     from .presets import PRESETS, get
@@ -88,7 +90,7 @@ def train(preset, list_presets, epochs, batch_size, lr, device, precision, seed,
     import torch
     from .data import DataError
     from .train import RunOptions, fit
-    cfg = get(preset, epochs=epochs, batch_size=batch_size, lr=lr, eval_every=eval_every)
+    cfg = get(preset, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, eval_every=eval_every)
     opts = RunOptions(out=out or Path("runs") / preset, device=device, seed=seed, limit_train=limit_train,
                       precision=precision, resume=resume, data_dir=data_dir, plots=not no_plots, target_accuracy=target_accuracy)
     try:
