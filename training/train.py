@@ -223,7 +223,7 @@ def fit(cfg: Config, opts: RunOptions, mnist: data_mod.Mnist | None = None) -> d
         # map_location moved every tensor to the device; generator states must be CPU byte tensors.
         gen.set_state(ckpt["rng"]["generator"].cpu())
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if aug_gen is not gen:
+        if aug_gen is not gen and "augment" in ckpt["rng"]:  # absent from CUDA checkpoints before it
             aug_gen.set_state(ckpt["rng"]["augment"].cpu())
         if "cuda" in ckpt["rng"] and device.type == "cuda":  # dropout's masks on a GPU
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
