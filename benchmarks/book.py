@@ -83,6 +83,7 @@ def run(args) -> None:
             if lr is not None:
                 cmd += ["--lr", str(lr)]
             wd = wd_for(preset, lr)
+            # Only when it differs: a resumed run must see the config it started with.
             if wd is not None and abs(wd - PRESETS[preset].weight_decay) > 1e-12:
                 cmd += ["--weight-decay", repr(wd)]
             out.mkdir(parents=True, exist_ok=True)
@@ -115,6 +116,10 @@ def collect(root: Path) -> list[dict]:
     return rows
 
 
+def recipe_of(c: dict) -> str:
+    return f"{c['batch_size']}, {c['lr']:g}, {c['weight_decay']:g}"
+
+
 def table(args) -> None:
     rows = collect(args.root)
     print("| preset | book | median of seeds | best | seeds | epochs | batch, lr, L2 | training seconds per run |")
@@ -126,8 +131,6 @@ def table(args) -> None:
         acc = [r["test_accuracy"] for r in mine]
         secs = [r["train_seconds"] for r in mine]
         # A row may mix recipes (a seed rerun at a lower lr after dying): then show each seed's.
-        def recipe_of(c: dict) -> str:
-            return f"{c['batch_size']}, {c['lr']:g}, {c['weight_decay']:g}"
         recipes = {recipe_of(r["config"]) for r in mine}
         recipe = recipes.pop() if len(recipes) == 1 else \
             "; ".join(f"s{r['seed']}: {recipe_of(r['config'])}" for r in mine)

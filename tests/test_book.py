@@ -25,7 +25,7 @@ def test_weight_decay_keeps_the_books_shrinkage_per_epoch():
     # lr x weight_decay x steps per epoch, the book's (batch 10) against batch 100's
     for preset in ("nielsen-relu", "nielsen-expanded", "nielsen-fc300", "nielsen-fc1000"):
         cfg, lr = book.PRESETS[preset], book.lr_for(preset, 100)
-        wd = book.wd_for(preset, lr) if book.wd_for(preset, lr) is not None else cfg.weight_decay
+        wd = book.wd_for(preset, lr)
         assert lr * wd == pytest.approx(cfg.lr * cfg.weight_decay * 10)
     assert book.wd_for("nielsen-expanded", 0.3) == book.PRESETS["nielsen-expanded"].weight_decay
     assert book.wd_for("nielsen-fc300", 0.1) == 1.2e-5  # 3x the preset's 4e-6 at a third of eta x 10
