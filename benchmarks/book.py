@@ -75,6 +75,10 @@ def run(args) -> None:
                 preset, seed = jobs.pop(0)
             out = args.root / f"{preset}-s{seed}"
             if (out / "report.json").exists():
+                done = json.loads((out / "report.json").read_text())["config"]["batch_size"]
+                if done != args.batch_size:  # never count a run of another recipe as this one's
+                    print(f"skip {out}: it finished at batch {done}, not {args.batch_size}; "
+                          "give each batch size its own --root", flush=True)
                 continue
             cmd = [sys.executable, "-m", "training.cli", "train", "--preset", preset, "--seed", seed,
                    "--batch-size", str(args.batch_size), "--device", args.device, "--out", str(out),
@@ -145,7 +149,8 @@ def table(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", type=Path, default=ROOT / "runs" / "book", help="Folder of the run folders.")
+    ap.add_argument("--root", type=Path, help="Folder of the run folders [default: runs/book at batch 100, "
+                    "runs/bookN at batch N].")
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="Train (or resume) every preset x seed not yet done.")
     r.add_argument("--presets", default=",".join(BOOK))
@@ -155,7 +160,10 @@ def main() -> None:
     r.add_argument("--batch-size", type=int, default=100)
     t = sub.add_parser("table", help="Median and best per preset from the finished runs.")
     t.add_argument("--jsonl", type=Path, help="Also write one JSON line a run here.")
+    t.add_argument("--batch-size", type=int, default=100, help="Only to pick the default --root.")
     args = ap.parse_args()
+    if args.root is None:
+        args.root = ROOT / "runs" / ("book" if args.batch_size == 100 else f"book{args.batch_size}")
     {"run": run, "table": table}[args.command](args)
 
 

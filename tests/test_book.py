@@ -56,3 +56,12 @@ def test_table_shows_median_best_and_each_seeds_lr_when_they_differ(tmp_path):
     assert "| 99.39% | 99.41% | 3 | 60 | s0: 100, 0.3, 2e-05; s1: 100, 0.1, 2e-05; s2: 100, 0.3, 2e-05 | 1500-1502 |" in rows["`nielsen-2fc`"]
     assert "| 99.32% | 99.32% | 1 | 60 | 100, 0.3, 2e-05 |" in rows["`nielsen-expanded`"]
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 4
+
+
+def test_run_never_counts_a_run_of_another_batch_size_as_done(tmp_path):
+    _fake_run(tmp_path, "nielsen-2fc", 0, 0.9939, 0.3)  # finished at batch 100
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "book.py"), "--root", str(tmp_path),
+                          "run", "--presets", "nielsen-2fc", "--seeds", "0", "--batch-size", "10"],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    assert f"skip {tmp_path / 'nielsen-2fc-s0'}: it finished at batch 100, not 10" in out
+    assert not (tmp_path / "nielsen-2fc-s0.log").exists()  # nothing was started
