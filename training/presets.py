@@ -1,4 +1,4 @@
-"""Named configs: the seed post's baseline, every net chapter 6 reports, and our default.
+"""Named configs: the seed post's baseline, every net chapter 6 reports, our default and `fast`.
 
 Nielsen's recipe (network3.py and chapter 6): mini-batch 10, plain SGD, no shuffling,
 log-likelihood cost plus 0.5 * lambda * sum(w**2) / num_training_batches.  With SGD that
@@ -75,6 +75,19 @@ PRESETS: dict[str, Config] = {
         notes="network3's layer sizes with a modern recipe: batch norm, random affine augmentation "
               "(off for the last epoch), Nesterov SGD with a one-cycle schedule, label smoothing, "
               "a moving average of the weights; the last epoch's average is delivered",
+    ),
+    # A GPU runs network3's small steps in about the same time at batch 64 or 512 (it waits on
+    # launches, not arithmetic), so fewer, larger steps reach 99% sooner: under a second on an
+    # H100, where `default` takes about two.  On a CPU the step grows with the batch instead.
+    "fast": Config(
+        preset="fast",
+        conv_channels=(20, 40), fc_sizes=(100,), conv_activation="relu", fc_activation="relu",
+        batchnorm=True, init="pytorch",
+        train_split="train+val", augment="affine", shuffle=True,
+        optimizer="nesterov", lr=0.8, batch_size=512, weight_decay=5e-4, schedule="onecycle",
+        label_smoothing=0.1, ema=0.9, epochs=2, clean_epochs=1,
+        notes="default's recipe for time to 99% on a GPU: batch 512 at lr 0.8, two epochs "
+              "(the second without augmentation), a shorter moving average (0.9)",
     ),
 }
 
