@@ -72,9 +72,10 @@ def test_checkpoint_rebuilds_from_its_config_and_matches_evaluate(checkpoint, mn
     assert result["accuracy"] > 0.97  # one epoch of default on 60,000 images
 
 
-def test_resume_after_interruption_gives_the_same_weights(tmp_path, mnist, monkeypatch):
+def _straight_and_resumed(tmp_path, mnist, monkeypatch, device: str) -> tuple[dict, dict]:
+    """The last.pt of a 3-epoch run, and of the same run interrupted in epoch 2 and resumed."""
     cfg = get("default", epochs=3, batch_size=64)
-    opts = dict(device="cpu", limit_train=1280, plots=False, quiet=True, seed=3)
+    opts = dict(device=device, limit_train=1280, plots=False, quiet=True, seed=3)
     fit(cfg, RunOptions(out=tmp_path / "straight", **opts), mnist)
 
     # Interrupt the second run mid-way through epoch 2 (step 30 of 60), as Ctrl-C or a kill would.
@@ -97,12 +98,33 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, mnist, monke
     b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 3
     assert cfg.ema > 0  # default averages its weights: both the average and the optimiser's weights resume
+    return a, b
+
+
+def test_resume_after_interruption_gives_the_same_weights(tmp_path, mnist, monkeypatch):
+    a, b = _straight_and_resumed(tmp_path, mnist, monkeypatch, "cpu")
     for part in ("model", "train_model"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert (tmp_path / "straight" / "metrics.jsonl").read_text().count("\n") == 3
     assert [json.loads(l)["test_accuracy"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()] == \
            [json.loads(l)["test_accuracy"] for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_resume_on_cuda_restores_every_generator(tmp_path, mnist, monkeypatch):
+    # On CUDA the augmentation and dropout draw from GPU generators, saved beside the CPU ones.
+    # Their states must come back exactly; the weights only closely, as cuDNN's backward
+    # passes may add in a different order from one run to the next.
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    a, b = _straight_and_resumed(tmp_path, mnist, monkeypatch, "cuda")
+    for k in ("generator", "torch", "augment", "cuda"):
+        assert torch.equal(a["rng"][k], b["rng"][k]), k
+    worst = max((a[p][k].float() - b[p][k].float()).abs().max().item()
+                for p in ("model", "train_model") for k in a[p] if a[p][k].is_floating_point())
+    print(f"largest weight difference, straight vs resumed on CUDA: {worst:.2e}")
+    assert worst < 1e-3, worst
 
 
 def test_ema_moves_weights_and_batchnorm_statistics_toward_the_net():
