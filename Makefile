@@ -41,7 +41,7 @@ bench: bench-train bench-export bench-serve bench-client bench-preprocess
 # The book's table: every nielsen-* preset x 3 seeds into runs/book/, resumable: run it again
 # after an interruption (hours on a CPU; BOOK_ARGS="--workers 6" on a GPU box, DEVICE=cuda).
 # BOOK_BATCH=10: the book's own mini-batch and eta, into runs/book10/ (on this CPU 1.0-1.6x
-# the time of batch 100, 1.9x with dropout; closer to the book's figures except for dropout:
+# the time of batch 100, 1.6-1.9x with dropout; closer to the book's figures except for dropout:
 # see README).
 BOOK_BATCH ?= 100
 book: install

@@ -7,7 +7,7 @@
 `--workers` at a time, each with cores/workers threads (two one-thread runs did twice the
 work of one two-thread run on a 2-core machine).  Start one `run` at a time and queue
 with --presets/--seeds: two `run --workers 1` side by side gave two two-thread runs on
-2 cores, and those finished no epoch in an hour (the same two nielsen-2fc runs with one
+2 cores, and those finished no epoch in 57 minutes (the same two nielsen-2fc runs with one
 thread each: 40 s an epoch).
 A run with a report.json is done and skipped;
 a killed one continues from its last.pt when `run` starts again, so a long table can be built
