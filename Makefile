@@ -14,29 +14,53 @@ PRECISION ?=
 TRAIN_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install data train evaluate export serve classify demo test protos book bench bench-train bench-export bench-serve bench-client soak fuzz clean
+.PHONY: help install install-serving data train evaluate export serve classify demo test test-serving lint protos \
+	book bench bench-train bench-export bench-serve bench-client bench-preprocess soak fuzz clean
+.DEFAULT_GOAL := help
 
-# The stamp makes `install` idempotent: pip runs again only when pyproject.toml changes.
-install: $(VENV)/.installed
+# `make` and `make help`: every target with the one line after its `##`.
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z0-9-]*:.*## / {printf "  %-17s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+# The stamp makes `install` idempotent: pip runs again only when pyproject.toml changes, and
+# what is installed already (torch, several GB) is kept.
+install: $(VENV)/.installed ## the training and serving packages with the test tools, in .venv
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[train,dev]'
 	touch $@
 
-data: install
+# A server host's environment: the server's dependencies and the test tools, no PyTorch.
+VENV_SERVING ?= .venv-serving
+install-serving: $(VENV_SERVING)/.installed ## the server's dependencies and the test tools, no PyTorch, in .venv-serving
+$(VENV_SERVING)/.installed: pyproject.toml
+	test -x $(VENV_SERVING)/bin/python || $(PYTHON) -m venv $(VENV_SERVING)
+	$(VENV_SERVING)/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	@! $(VENV_SERVING)/bin/python -c 'import torch' 2>/dev/null || { echo "$(VENV_SERVING) has torch" >&2; exit 1; }
+	touch $@
+
+data: install ## fetch, check and cache MNIST in data/
 	$(BIN)/network3-train data
 
-train: install
+train: install ## train PRESET (default: default) into runs/PRESET
 	$(BIN)/network3-train train --preset $(PRESET) --device $(DEVICE) --seed $(SEED) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(PRECISION),--precision $(PRECISION)) $(TRAIN_ARGS)
 
-evaluate: install
+evaluate: install ## test accuracy and confusion matrix of runs/PRESET/best.pt
 	$(BIN)/network3-train evaluate runs/$(PRESET)/best.pt
 
-test: install
+test: install ## every test, training and serving (under 15 minutes on 2 cores)
 	$(PY) -m pytest -q
 
+# The serving tests where a server host stands: no PyTorch installed, a model built without it.
+test-serving: install-serving ## the serving, client and protocol tests without PyTorch (.venv-serving)
+	NETWORK3_SERVING_ONLY=1 $(VENV_SERVING)/bin/python -m pytest -q tests/serving
+
+lint: install ## ruff (pyflakes' checks) and the import-cycle check
+	$(BIN)/ruff check --select F training serving tests benchmarks demo
+	$(PY) ../shared/tools/imports.py . training serving
+
 # Every bench-* target, in one go (a quiet machine only: a benchmark is void while anything else runs).
-bench: bench-train bench-export bench-serve bench-client bench-preprocess
+bench: bench-train bench-export bench-serve bench-client bench-preprocess ## every bench-* target (a quiet machine only)
 
 # The book's table: every nielsen-* preset x 3 seeds into runs/book/, resumable: run it again
 # after an interruption (hours on a CPU; BOOK_ARGS="--workers 6" on a GPU box, DEVICE=cuda).
@@ -44,29 +68,29 @@ bench: bench-train bench-export bench-serve bench-client bench-preprocess
 # the time of batch 100, 1.6-1.9x with dropout; closer to the book's figures except for dropout:
 # see README).
 BOOK_BATCH ?= 100
-book: install
+book: install ## the book's table: every nielsen-* preset x 3 seeds, resumable (hours on a CPU)
 	$(PY) benchmarks/book.py run --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE)) --batch-size $(BOOK_BATCH) $(BOOK_ARGS)
 	$(PY) benchmarks/book.py table --batch-size $(BOOK_BATCH)
 
 # On a GPU (DEVICE=cuda) also the time to 99% of `fast` beside `default` (the GPU goal: under a second).
 TRAIN99 = $(PY) benchmarks/bench_train.py --device cuda --presets fast,default --target 0.99 --json bench-results/train99.json $(if $(PRECISION),--precision $(PRECISION))
-bench-train: install
+bench-train: install ## time to 98.9% test accuracy (and 99% on a GPU)
 	$(PY) benchmarks/bench_train.py --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE)) $(if $(PRECISION),--precision $(PRECISION))
 	$(if $(filter cuda,$(DEVICE)),$(TRAIN99))
 
-clean:
+clean: ## remove runs/, models/, demo samples
 	rm -rf runs models demo/samples .pytest_cache
 
 # ---- export (ONNX) ----
 # The checked ONNX file from the preset's best checkpoint; QUANTIZE=int8 and TRITON_REPO=DIR pass through.
 QUANTIZE ?=
 TRITON_REPO ?=
-export: install
+export: install ## PRESET's best checkpoint to MODEL (QUANTIZE=int8, TRITON_REPO=DIR)
 	@test -f runs/$(PRESET)/best.pt || { echo "runs/$(PRESET)/best.pt: no checkpoint; run 'make train PRESET=$(PRESET)' first" >&2; exit 1; }
 	$(BIN)/network3-train export runs/$(PRESET)/best.pt -o $(MODEL) $(if $(QUANTIZE),--quantize $(QUANTIZE)) $(if $(TRITON_REPO),--triton-repo $(TRITON_REPO))
 
 # onnxruntime float32/int8 vs PyTorch eager, images/s at batch 1, 64, 256 (quiet machine only).
-bench-export: install
+bench-export: install ## onnxruntime float32 and int8 against PyTorch eager, images/s
 	@test -f runs/$(PRESET)/best.pt || { echo "runs/$(PRESET)/best.pt: no checkpoint; run 'make train PRESET=$(PRESET)' first" >&2; exit 1; }
 	$(PY) benchmarks/bench_export.py --checkpoint runs/$(PRESET)/best.pt
 
@@ -75,14 +99,14 @@ PROTOS := protos/network3/v1/classifier.proto protos/inference/model_config.prot
 
 # Stubs are committed; tests/test_protos.py fails when they are stale.  Run from the repo root so
 # they import as `protos.network3.v1.classifier_pb2`.
-protos: install
+protos: install ## regenerate the committed gRPC stubs
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 
 # perf_analyzer against the in-process ceiling, the simplest unbatched server and ours (quiet
 # machine only).  perf_analyzer (from the tritonclient wheel) needs Debian's libb64-0d and
 # PyPI's CUDA runtime library even on a CPU; both are installed here when missing.
 BENCH_SERVE_ARGS ?=
-bench-serve: install
+bench-serve: install ## perf_analyzer against our server, an unbatched reference and the ceiling
 	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
 	@dpkg -s libb64-0d >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libb64-0d; }
@@ -93,7 +117,7 @@ bench-serve: install
 
 # Serve MODEL on 127.0.0.1:PORT until Ctrl-C (SERVE_ARGS for anything else: --metrics-port, --token-file...).
 SERVE_ARGS ?=
-serve: install
+serve: install ## serve MODEL on 127.0.0.1:PORT until Ctrl-C
 	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
 	$(BIN)/network3 serve --model $(MODEL) --port $(PORT) $(SERVE_ARGS)
 
@@ -103,24 +127,24 @@ serve: install
 SAMPLES ?= demo/samples
 SERVER ?= $(or $(NETWORK3_SERVER),127.0.0.1:$(PORT))
 CLASSIFY_ARGS ?=
-classify: install
+classify: install ## classify SAMPLES against SERVER
 	$(BIN)/network3 classify $(SAMPLES) --server $(SERVER) $(CLASSIFY_ARGS)
 
 # The whole journey from a fresh clone: install, data, train and export PRESET (skipped when
 # $(MODEL) exists), write sample digits, serve, wait for health, classify, stop the server.
-demo: install
+demo: install ## the whole journey from a fresh clone: data, train, export, serve, classify
 	@test -f $(MODEL) || $(MAKE) --no-print-directory data train export PRESET=$(PRESET) MODEL=$(MODEL)
 	$(PY) demo/make_samples.py --out demo/samples
 	BIN=$(BIN) MODEL=$(MODEL) SAMPLES=demo/samples CLASSIFY_ARGS="$(CLASSIFY_ARGS)" bash demo/demo.sh
 
 # 10,000 PNG files through the server and with --local in one run (quiet machine only).
 BENCH_CLIENT_ARGS ?=
-bench-client: install
+bench-client: install ## 10,000 PNG files through the server and with --local
 	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
 	$(PY) benchmarks/bench_client.py --model $(MODEL) $(BENCH_CLIENT_ARGS)
 
 # How the photo pipeline fares on digits that never came from MNIST (README table).
-bench-preprocess: install
+bench-preprocess: install ## the photo pipeline on digits that never came from MNIST
 	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
 	$(PY) benchmarks/preprocess_report.py --model $(MODEL)
 
@@ -128,13 +152,13 @@ bench-preprocess: install
 # Hostile input with a longer budget than `make test` gives it: FUZZ_EXAMPLES fresh random
 # examples per fuzz test (make test runs 40, the same ones every time).
 FUZZ_EXAMPLES ?= 2000
-fuzz: install
-	NETWORK3_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
+fuzz: install ## hostile input with FUZZ_EXAMPLES examples per fuzz test
+	NETWORK3_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/serving/test_fuzz_grpc.py tests/training/test_fuzz_data.py
 
 # The server under a mix of clients for SOAK_SECONDS (default 600), then overloaded past its
 # queue, then the mix again (quiet machine only).  SOAK_ARGS for more, e.g. --json soak.json.
 SOAK_SECONDS ?= 600
 SOAK_ARGS ?=
-soak: install
+soak: install ## the server under a mix of clients for SOAK_SECONDS, then overloaded
 	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
 	$(PY) benchmarks/soak.py --model $(MODEL) --seconds $(SOAK_SECONDS) $(SOAK_ARGS)

@@ -147,6 +147,13 @@ class OnnxModel:
         }
 
 
+def top_k(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest of each row, largest first (ties: the lower class first):
+    (class indices int64 [N, k], values [N, k])."""
+    order = np.argsort(-values, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(values, order, 1)
+
+
 def load_model(path: str | os.PathLike, options: ModelOptions | None = None) -> OnnxModel:
     """Load, check and warm up: the model returned is ready to serve."""
     return OnnxModel(Path(path), options or ModelOptions()).load().warmup()

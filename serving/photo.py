@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageFilter
 
+from .contract import SIDE
 from .errors import InvalidInput
 
-SIDE = 28  # MNIST's frame ...
-BOX = 20  # ... in which the digit is fitted into 20x20 ...
+BOX = 20  # MNIST's frame (contract.SIDE) ... in which the digit is fitted into 20x20 ...
 CENTRE = 14  # ... and put with its centre of mass here (row and column index, rounded)
 WORK = 256  # longest side while finding the digit; the digit itself is cut out at up to 4x that
 STROKE = 2.0  # MNIST's median stroke width in pixels (2 * area / perimeter of the ink >= 128)

@@ -17,28 +17,13 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageOps
 
+from .contract import INPUT_SHAPE, MAX_PIXELS, PIXELS, SCALE, SIDE
 from .errors import InvalidInput, Overloaded
-from .photo import BOX, CENTRE, SIDE, WORK, normalize
-
-INPUT_SHAPE = (1, SIDE, SIDE)  # SIDE = 28: MNIST's frame
-PIXELS = SIDE * SIDE
-SCALE = 1.0 / 255.0
-
-# Written into the ONNX metadata by export and read back by the server.
-CONTRACT = {
-    "name": "images",
-    "shape": [-1, 1, SIDE, SIDE],
-    "dtype": "float32",
-    "range": [0.0, 1.0],
-    "polarity": "white-on-black",
-    "scale": "uint8/255",
-    "centring": "MNIST: fit into 20x20 keeping aspect ratio, centre of mass at the centre of 28x28",
-}
+from .photo import BOX, CENTRE, WORK, normalize
 
 # Only these decoders are reachable from the network; Pillow's others (EPS runs Ghostscript)
 # are not.
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
-MAX_PIXELS = 40_000_000  # default limit per image (width * height); a 48 MP photo needs more
 
 
 def pixels_to_input(pixels: np.ndarray) -> np.ndarray:
@@ -123,15 +108,18 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return normalize(to_gray(im))
 
 
-def decode_many(datas: Iterable[bytes], max_pixels: int = MAX_PIXELS
+def decode_many(items: Iterable[bytes | np.ndarray | BaseException], max_pixels: int = MAX_PIXELS
                 ) -> tuple[np.ndarray, list[Exception | None]]:
-    """Many encoded images -> (uint8 [N, 28, 28], one error or None per image).
+    """Many images -> (uint8 [N, 28, 28], one error or None per image): the one place a list of
+    images becomes pixels, for the server, `--local` and the client alike.
 
-    A failed image leaves zeros and its exception; the rest go on.  MNIST-format 28x28 images
-    (the common bulk case) are checked all at once and skip the photo pipeline."""
-    datas = list(datas)
-    out = np.zeros((len(datas), SIDE, SIDE), np.uint8)
-    errors: list[Exception | None] = [None] * len(datas)
+    An item is an encoded image file (bytes), MNIST-format pixels (a uint8 array of 784 values),
+    or an exception (an image that could not even be read), which is passed through as that
+    image's error.  A failed image leaves zeros and its error; the rest go on.  MNIST-format
+    28x28 files (the common bulk case) are checked all at once and skip the photo pipeline."""
+    items = list(items)
+    out = np.zeros((len(items), SIDE, SIDE), np.uint8)
+    errors: list[Exception | None] = [None] * len(items)
     small: list[int] = []
 
     def normalize_into(i: int, im: Image.Image) -> None:
@@ -140,9 +128,19 @@ def decode_many(datas: Iterable[bytes], max_pixels: int = MAX_PIXELS
         except Exception as e:  # never let one odd image sink the batch
             errors[i] = e if isinstance(e, (InvalidInput, Overloaded)) else InvalidInput(_why(e))
 
-    for i, data in enumerate(datas):
+    for i, item in enumerate(items):
+        if isinstance(item, BaseException):
+            errors[i] = item
+            continue
+        if isinstance(item, np.ndarray):
+            if item.dtype != np.uint8 or item.size != PIXELS:
+                errors[i] = InvalidInput(f"pixels must be uint8 with {PIXELS} values ({SIDE}x{SIDE}), "
+                                         f"got {item.dtype} {item.shape}")
+            else:
+                out[i] = item.reshape(SIDE, SIDE)
+            continue
         try:
-            im = open_image(data, max_pixels)
+            im = open_image(item, max_pixels)
         except (InvalidInput, Overloaded) as e:
             errors[i] = e
             continue

@@ -1,13 +1,12 @@
-"""Session fixtures shared by every test module: real MNIST, one real training run, its ONNX file.
+"""Session fixtures shared by every test module: real MNIST (read by training.data, which needs
+numpy and nothing of PyTorch).
 
-The model is trained once per test session (one epoch of `default` on all 60,000 training
-images) and shared, so every server, client and export test works with a real network.
+Each half has its own `onnx_model`: tests/training/conftest.py trains and exports a real
+network3 net, tests/serving/conftest.py builds a small classifier without PyTorch.
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
 import pytest
 
 # Two cores are shared by the trainer, the server under test and its client: keep torch modest.
@@ -20,25 +19,3 @@ pytest_plugins: list[str] = ["fixtures_serving", "fixtures_client"]
 def mnist():
     from training.data import load
     return load(verbose=False)
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, mnist) -> Path:
-    from training.presets import get
-    from training.train import RunOptions, fit
-    out = tmp_path_factory.mktemp("run")
-    fit(get("default", epochs=1), RunOptions(out=out, device="cpu", seed=0, plots=False, quiet=True), mnist)
-    return out
-
-
-@pytest.fixture(scope="session")
-def checkpoint(trained_run) -> Path:
-    return trained_run / "best.pt"
-
-
-@pytest.fixture(scope="session")
-def onnx_model(tmp_path_factory, checkpoint, mnist) -> Path:
-    from training.export import export_onnx
-    out = tmp_path_factory.mktemp("model") / "model.onnx"
-    export_onnx([checkpoint], out, data=mnist)
-    return out

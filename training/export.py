@@ -31,7 +31,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from serving.preprocess import CONTRACT, pixels_to_input
+from serving.contract import INPUT_CONTRACT as CONTRACT
+from serving.preprocess import pixels_to_input
 from . import __version__
 from .data import Mnist, atomic_write
 

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from fixtures_client import free_port
 from serving.cli import cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args, input=None, env=None):

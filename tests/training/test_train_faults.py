@@ -12,7 +12,7 @@ import pytest
 import torch
 
 TRAIN = [sys.executable, "-m", "training.cli", "train", "--preset", "default", "--device", "cpu", "--no-plots"]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_train(*args, **kw):
