@@ -5,16 +5,18 @@ requests from the head until `max_batch_size` images (a larger request is split 
 batches and reassembled); with `max_queue_delay_us` > 0 it waits that long after the oldest
 request for more to arrive, with 0 it takes what is queued and never waits.
 
-Where the work runs is the main cost decision.  On this CPU-bound model onnxruntime costs
-about 30 us per small call, less than a thread hand-off and wake-up: so a batch of up to
-`inline_max` images runs inline on the event loop thread, and only larger batches go to one
-of `instances` executor threads (onnxruntime releases the GIL, so gRPC keeps working on the
-other core meanwhile).  When nothing is queued and an instance is free, a small request is run
-at once, without a future or a loop iteration: an idle batcher costs a few function calls.
-Requests queue (and so get batched together) while all instances are busy.
+Every request takes the same path: queued, taken into a batch, computed, delivered.  Where a
+batch is computed is the one cost decision: on this CPU-bound model a small onnxruntime call
+costs less than handing it to a thread and waking the loop again, so a batch of up to
+`inline_max` images runs inline on the event loop thread, and larger batches go to one of
+`instances` executor threads (onnxruntime releases the GIL, so gRPC keeps working on the
+other cores meanwhile).  When the batcher is idle a small request is therefore computed
+within its own `infer` call, and requests queue (and so get batched together) while all
+instances are busy.
 
 Everything here runs on the event loop thread except `model.predict` in executor threads,
 so the queue needs no lock.  The batcher knows numpy arrays, never protos or gRPC.
+`serving.unbatched.Unbatched` is the same interface without a queue (`--no-batching`).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import DeadlineExceeded, Overloaded, Unavailable
+from .errors import DeadlineExceeded, ModelFailed, Overloaded, Unavailable
 from .metrics import Stats
 
 log = logging.getLogger("network3.batcher")
@@ -40,7 +42,7 @@ class BatcherOptions:
     max_queue_delay_us: int = 0  # 0: take what is queued, never wait
     max_queue_size: int = 4096  # images waiting; beyond it requests are refused at once
     instances: int = 1  # batches computed at the same time
-    batching: bool = True  # False: every request runs on its own (for comparison)
+    batching: bool = True  # False: the server runs every request on its own (serving.unbatched)
     inline_max: int = 8  # batches up to this many images run on the event loop thread
 
     def __post_init__(self) -> None:
@@ -49,6 +51,25 @@ class BatcherOptions:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_queue_delay_us < 0 or self.inline_max < 0:
             raise ValueError("max_queue_delay_us and inline_max must not be negative")
+
+
+def compute(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """The one call of the model: (logits, probabilities, seconds).  A failure of the model
+    becomes ModelFailed (INTERNAL), logged here once with its traceback."""
+    t0 = now()
+    try:
+        logits, probs = model.predict(x)
+    except Exception as e:
+        log.exception("the model failed on a batch of %d images", len(x))
+        raise ModelFailed(f"the model failed on this request's batch ({type(e).__name__}); "
+                          "see the server log") from None
+    return logits, probs, now() - t0
+
+
+def deadline_passed(stats: Stats) -> DeadlineExceeded:
+    """Count a request dropped for its deadline; the error to fail it with."""
+    stats.dropped["deadline"] = stats.dropped.get("deadline", 0) + 1
+    return DeadlineExceeded("deadline passed while the request was queued")
 
 
 class _Entry:
@@ -72,6 +93,8 @@ class DynamicBatcher:
     def __init__(self, model, options: BatcherOptions | None = None, stats: Stats | None = None) -> None:
         self.model = model
         self.options = o = options or BatcherOptions()
+        if not o.batching:
+            raise ValueError("BatcherOptions(batching=False) is serving.unbatched.Unbatched's")
         self.stats = stats or Stats()
         self.stats.queue_depth = lambda: self._queued
         self._queue: collections.deque[_Entry] = collections.deque()
@@ -81,8 +104,6 @@ class DynamicBatcher:
         self._closed = False
         self._pool = concurrent.futures.ThreadPoolExecutor(o.instances, thread_name_prefix="network3-infer")
         self._delay = o.max_queue_delay_us / 1e6
-        # No-batching mode still bounds the images in flight.
-        self._unbatched_images = 0
 
     # -- the one entry point ----------------------------------------------------------------
 
@@ -90,29 +111,17 @@ class DynamicBatcher:
         """x: float32 [N, 1, 28, 28]; deadline: a time.perf_counter() value or None."""
         if self._closed:
             raise Unavailable("server is shutting down")
-        o = self.options
-        n = len(x)
-        if not o.batching:
-            return await self._infer_alone(x, n, deadline)
-        loop = asyncio.get_running_loop()
-        if not self._queue and self._inflight < o.instances and n <= o.inline_max and not self._delay:
-            # Fast path: idle and small.  Run now, on this thread.
-            if deadline is not None and now() > deadline:
-                self._drop("deadline")
-                raise DeadlineExceeded("deadline passed before the request was computed")
-            model = self.model
-            self.stats.queue.observe(0.0)
-            logits, probs = self._compute(model, x, 1)
-            return logits, probs, model
-        if self._queued + n > o.max_queue_size:
+        n, limit = len(x), self.options.max_queue_size
+        if self._queued + n > limit:
             self.stats.rejected_images += n
             raise Overloaded(f"queue full: {self._queued} images waiting, {n} more would pass "
-                             f"--max-queue-size {o.max_queue_size}")
+                             f"--max-queue-size {limit}")
+        loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._queue.append(_Entry(x, fut, deadline, now()))
         self._queued += n
         self._kick(loop)
-        return await fut
+        return await fut  # already done when the batch ran inline
 
     # -- scheduling -------------------------------------------------------------------------
 
@@ -144,10 +153,9 @@ class DynamicBatcher:
                 q.popleft()
                 self._queued -= e.n - e.taken
                 if not e.fut.done():
-                    e.fut.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
-                    self._drop("deadline")
+                    e.fut.set_exception(deadline_passed(self.stats))
                 elif e.fut.cancelled():
-                    self._drop("cancelled")
+                    self.stats.dropped["cancelled"] = self.stats.dropped.get("cancelled", 0) + 1
                 continue
             k = min(room, e.n - e.taken)
             parts.append((e, e.taken, e.taken + k))
@@ -161,41 +169,37 @@ class DynamicBatcher:
         return parts
 
     def _run(self, parts, loop) -> None:
+        """Compute one batch: inline when small, else in an executor thread; then deliver."""
         if len(parts) == 1 and parts[0][1] == 0 and parts[0][2] == parts[0][0].n:
             x = parts[0][0].x  # one whole request: no copy
         else:
             x = np.concatenate([e.x[a:b] for e, a, b in parts])
-        model = self.model
+        model = self.model  # the model this batch runs on, whatever a reload does meanwhile
+        self._inflight += 1
         if len(x) <= self.options.inline_max:
             try:
-                logits, probs = self._compute(model, x, len(parts))
-            except Exception as e:  # a model failure fails this batch's requests, not the server
-                self._fail(parts, e)
-                return
-            self._deliver(parts, logits, probs, model)
+                outcome = compute(model, x)
+            except ModelFailed as e:
+                outcome = e
+            self._deliver(parts, model, len(x), outcome)  # the caller's loop goes on forming batches
             return
-        self._inflight += 1
-        cf = self._pool.submit(_timed_predict, model, x)
-        cf.add_done_callback(lambda f: loop.call_soon_threadsafe(self._finished, parts, f, model, len(x), loop))
+        cf = self._pool.submit(compute, model, x)
+        cf.add_done_callback(lambda f: loop.call_soon_threadsafe(self._from_thread, parts, model, len(x), f, loop))
 
-    def _finished(self, parts, f: concurrent.futures.Future, model, images: int, loop) -> None:
-        self._inflight -= 1
-        try:
-            logits, probs, seconds = f.result()
-        except Exception as e:
-            self._fail(parts, e)
-        else:
-            self.stats.record_batch(images, len(parts), seconds)
-            self._deliver(parts, logits, probs, model)
+    def _from_thread(self, parts, model, images: int, f: concurrent.futures.Future, loop) -> None:
+        self._deliver(parts, model, images, f.exception() or f.result())
         self._kick(loop)
 
-    def _compute(self, model, x, requests: int):
-        t0 = now()
-        logits, probs = model.predict(x)
-        self.stats.record_batch(len(x), requests, now() - t0)
-        return logits, probs
-
-    def _deliver(self, parts, logits, probs, model) -> None:
+    def _deliver(self, parts, model, images: int, outcome) -> None:
+        """The one place a batch ends: its rows to their requests, or its error to all of them."""
+        self._inflight -= 1
+        if isinstance(outcome, BaseException):
+            for e, _, _ in parts:
+                if not e.fut.done():
+                    e.fut.set_exception(outcome)
+            return
+        logits, probs, seconds = outcome
+        self.stats.record_batch(images, len(parts), seconds)
         off = 0
         for e, a, b in parts:
             k = b - a
@@ -212,41 +216,6 @@ class DynamicBatcher:
                     if e.filled == e.n:
                         e.fut.set_result((e.logits, e.probs, model))
             off += k
-
-    def _fail(self, parts, exc: Exception) -> None:
-        log.error("inference failed for a batch of %d requests: %s", len(parts), exc)
-        for e, _, _ in parts:
-            if not e.fut.done():
-                e.fut.set_exception(exc)
-
-    def _drop(self, reason: str) -> None:
-        self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + 1
-
-    # -- no batching: each request alone --------------------------------------------------
-
-    async def _infer_alone(self, x, n: int, deadline):
-        o = self.options
-        if deadline is not None and now() > deadline:
-            self._drop("deadline")
-            raise DeadlineExceeded("deadline passed before the request was computed")
-        model = self.model
-        if n <= o.inline_max:
-            self.stats.queue.observe(0.0)
-            logits, probs = self._compute(model, x, 1)
-            return logits, probs, model
-        if self._unbatched_images + n > o.max_queue_size:
-            self.stats.rejected_images += n
-            raise Overloaded(f"queue full: {self._unbatched_images} images in flight, {n} more would pass "
-                             f"--max-queue-size {o.max_queue_size}")
-        self._unbatched_images += n
-        try:
-            t0 = now()
-            logits, probs, seconds = await asyncio.wrap_future(self._pool.submit(_timed_predict, model, x))
-            self.stats.queue.observe(now() - t0 - seconds)
-            self.stats.record_batch(n, 1, seconds)
-        finally:
-            self._unbatched_images -= n
-        return logits, probs, model
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -266,9 +235,3 @@ class DynamicBatcher:
                 e.fut.set_exception(Unavailable("server is shutting down"))
         self._queued = 0
         self._pool.shutdown(wait=False)  # a batch still running finishes and is delivered
-
-
-def _timed_predict(model, x):
-    t0 = now()
-    logits, probs = model.predict(x)
-    return logits, probs, now() - t0

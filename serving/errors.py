@@ -38,6 +38,10 @@ class BadModel(Network3Error):
     """A model file that cannot be served: missing, not ONNX, wrong inputs or outputs."""
 
 
+class ModelFailed(Network3Error):
+    """The model raised while computing a batch: that batch's requests fail, the server goes on."""
+
+
 # The one mapping from domain errors to gRPC status codes (by name, so this module stays
 # importable without grpc: training imports serving.preprocess, which imports this).
 STATUS_NAMES: dict[type[Network3Error], str] = {
@@ -48,6 +52,7 @@ STATUS_NAMES: dict[type[Network3Error], str] = {
     Unauthenticated: "UNAUTHENTICATED",
     DeadlineExceeded: "DEADLINE_EXCEEDED",
     BadModel: "FAILED_PRECONDITION",
+    ModelFailed: "INTERNAL",
 }
 
 

@@ -16,17 +16,19 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .contract import CLASSES, INPUT_NAME, INPUT_SHAPE, LABELS, OUTPUT_NAMES
 from .errors import BadModel
-from .preprocess import INPUT_SHAPE
 
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("logits", "probabilities")
-CLASSES = 10
+INPUT_DIMS = f"[N, {', '.join(map(str, INPUT_SHAPE))}]"  # as messages write the input's shape
+OUTPUT_DIMS = f"[N, {CLASSES}]"
 
 
 @dataclass
 class ModelOptions:
-    intra_op_threads: int = 0  # 0: onnxruntime's default (one per core)
+    # One thread by default: the server runs small batches inline on the event loop thread, and
+    # a single onnxruntime thread leaves the other cores to gRPC (and to another batch).  0 asks
+    # onnxruntime for one thread per core.  (Figures: docs/results.md.)
+    intra_op_threads: int = 1
     providers: tuple[str, ...] | None = None  # None: CUDA when present, else CPU
     warmup_batch_sizes: tuple[int, ...] = (1, 8, 64)
 
@@ -54,7 +56,7 @@ class OnnxModel:
     def __post_init__(self) -> None:
         self.path = Path(self.path)
         self._session: ort.InferenceSession | None = None
-        self._run = None
+        self._outputs = list(OUTPUT_NAMES)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -82,9 +84,6 @@ class OnnxModel:
         self.providers = session.get_providers()
         self.sha256 = hashlib.sha256(data).hexdigest()
         self._session = session
-        # The binding's run skips the Python wrapper's per-call checks; we checked the signature.
-        run, names, options = session._sess.run, list(OUTPUT_NAMES), ort.RunOptions()
-        self._run = lambda x: run(names, {INPUT_NAME: x}, options)
         self.loaded_at = time.time()
         return self
 
@@ -99,7 +98,7 @@ class OnnxModel:
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """float32 [N, 1, 28, 28] in [0, 1] -> (logits [N, 10], probabilities [N, 10])."""
-        logits, probs = self._run(x)
+        logits, probs = self._session.run(self._outputs, {INPUT_NAME: x})
         return logits, probs
 
     # -- what the file says about itself ----------------------------------------------------
@@ -112,13 +111,13 @@ class OnnxModel:
             raise BadModel(f"{where}: expected one input named {INPUT_NAME!r}, found {sorted(inputs)}")
         i = inputs[INPUT_NAME]
         if i.type != "tensor(float)" or len(i.shape) != 4 or list(i.shape[1:]) != list(INPUT_SHAPE):
-            raise BadModel(f"{where}: input {INPUT_NAME!r} must be float32 [N, 1, 28, 28], found {i.type} {i.shape}")
+            raise BadModel(f"{where}: input {INPUT_NAME!r} must be float32 {INPUT_DIMS}, found {i.type} {i.shape}")
         for name in OUTPUT_NAMES:
             o = outputs.get(name)
             if o is None:
                 raise BadModel(f"{where}: missing output {name!r} (found {sorted(outputs)})")
             if o.type != "tensor(float)" or len(o.shape) != 2 or o.shape[1] != CLASSES:
-                raise BadModel(f"{where}: output {name!r} must be float32 [N, 10], found {o.type} {o.shape}")
+                raise BadModel(f"{where}: output {name!r} must be float32 {OUTPUT_DIMS}, found {o.type} {o.shape}")
         dims = lambda shape: [d if isinstance(d, int) else -1 for d in shape]  # noqa: E731
         self.input_shape = dims(i.shape)
         self.output_shapes = {name: dims(outputs[name].shape) for name in OUTPUT_NAMES}
@@ -126,7 +125,7 @@ class OnnxModel:
     def _read_labels(self) -> list[str]:
         raw = self.metadata.get("labels")
         if raw is None:
-            return [str(i) for i in range(CLASSES)]
+            return list(LABELS)
         try:
             labels = [str(v) for v in json.loads(raw)]
         except (ValueError, TypeError):

@@ -1,7 +1,8 @@
-"""DynamicBatcher with the real exported model on real MNIST digits.
+"""DynamicBatcher and Unbatched with a real model (tests/small_model.py) on real MNIST digits.
 
 To make "a batch is running" deterministic, some tests wrap the real model in `Gated`, whose
 predict waits for an Event before computing: requests that arrive meanwhile queue up.
+`Failing` raises from predict, as a broken model or onnxruntime would.
 """
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import numpy as np
 import pytest
 
 from serving.batcher import BatcherOptions, DynamicBatcher
-from serving.errors import DeadlineExceeded, Overloaded, Unavailable
+from serving.errors import DeadlineExceeded, ModelFailed, Overloaded, Unavailable, grpc_status
 from serving.metrics import Stats
 from serving.model import ModelOptions, load_model
 from serving.preprocess import pixels_to_input
+from serving.unbatched import Unbatched
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,20 @@ class Gated:
         self.started.set()
         assert self.gate.wait(30), "test never opened the gate"
         self.sizes.append(len(x))
+        return self.model.predict(x)
+
+
+class Failing:
+    """The real model, but predict raises for the next `failures` calls."""
+
+    def __init__(self, model, failures: int = 1) -> None:
+        self.model, self.failures, self.calls = model, failures, 0
+
+    def predict(self, x):
+        self.calls += 1
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("onnxruntime: simulated kernel failure")
         return self.model.predict(x)
 
 
@@ -165,17 +181,6 @@ def test_model_swap_applies_to_later_batches(model, onnx_model, x):
     assert before is model and after is other
 
 
-def test_no_batching_runs_each_request_alone(model, x):
-    async def main():
-        b = DynamicBatcher(model, BatcherOptions(batching=False, inline_max=4))
-        results = await asyncio.gather(*(b.infer(x[i:i + 10]) for i in range(0, 50, 10)))
-        return b, results
-
-    b, results = run(main())
-    assert {size: v[0] for size, v in b.stats.batches.items()} == {10: 5}
-    np.testing.assert_allclose(np.concatenate([r[1] for r in results]), model.predict(x[:50])[1], rtol=1e-5, atol=1e-6)
-
-
 def test_close_fails_queued_requests_and_refuses_new_ones(model, x):
     gated = Gated(model)
 
@@ -206,3 +211,108 @@ def test_stats_are_shared_with_the_caller(model, x):
 
     run(main())
     assert stats.inference_count() == 3 and stats.execution_count() == 1
+
+
+@pytest.mark.parametrize("inline_max", [8, 0], ids=["inline", "executor"])
+def test_a_failing_model_fails_its_batch_and_the_next_request_works(model, x, inline_max):
+    """The model raises on a batch of three requests (gathered by the queue delay): all three
+    fail with ModelFailed (INTERNAL, a message saying what happened), nothing is counted as
+    computed, and the next request is answered by the same batcher."""
+    failing = Failing(model)
+
+    async def main():
+        b = DynamicBatcher(failing, BatcherOptions(inline_max=inline_max, max_queue_delay_us=20_000))
+        results = await asyncio.gather(*(b.infer(x[i:i + 2]) for i in (0, 2, 4)), return_exceptions=True)
+        after = await b.infer(x[10:13])
+        return b, results, after
+
+    b, results, after = run(main())
+    assert failing.calls == 2  # one batch of three requests, then the next request
+    assert all(isinstance(e, ModelFailed) for e in results), results
+    status, message = grpc_status(results[0])
+    assert status.name == "INTERNAL" and "the model failed" in message and "RuntimeError" in message
+    np.testing.assert_allclose(after[1], model.predict(x[10:13])[1], rtol=1e-5, atol=1e-6)
+    assert b.queued_images == 0 and b.stats.inference_count() == 3 and b.stats.execution_count() == 1
+
+
+def test_reload_while_a_batch_runs(model, onnx_model, x):
+    """A batch is running on the old model when `batcher.model` is swapped: it finishes on the
+    old one (and says so), the requests queued meanwhile run on the new one."""
+    gated = Gated(model)
+    new = load_model(onnx_model, ModelOptions(intra_op_threads=1))
+
+    async def main():
+        b = DynamicBatcher(gated, BatcherOptions(inline_max=0))
+        running = asyncio.ensure_future(b.infer(x[:4]))
+        await asyncio.get_running_loop().run_in_executor(None, gated.started.wait, 10)
+        queued = asyncio.ensure_future(b.infer(x[4:6]))
+        await asyncio.sleep(0)
+        b.model = new  # the reload
+        gated.gate.set()
+        return await running, await queued, await b.infer(x[6:7])
+
+    (l1, p1, m1), (l2, p2, m2), (_, _, m3) = run(main())
+    assert m1 is gated and gated.sizes == [4]  # the running batch finished on the old model
+    assert m2 is new and m3 is new
+    np.testing.assert_allclose(p1, model.predict(x[:4])[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(p2, new.predict(x[4:6])[1], rtol=1e-5, atol=1e-6)
+
+
+def test_batching_false_belongs_to_unbatched(model):
+    with pytest.raises(ValueError, match="Unbatched"):
+        DynamicBatcher(model, BatcherOptions(batching=False))
+
+
+# ------------------------------------------------------------------------------ Unbatched --
+
+def test_unbatched_runs_each_request_alone(model, x):
+    async def main():
+        b = Unbatched(model, BatcherOptions(batching=False, inline_max=4))
+        results = await asyncio.gather(*(b.infer(x[i:i + 10]) for i in range(0, 50, 10)))
+        small = await b.infer(x[:2])  # inline
+        return b, results, small
+
+    b, results, small = run(main())
+    assert {size: v[0] for size, v in b.stats.batches.items()} == {10: 5, 2: 1}
+    assert b.stats.queue.count == 6 and b.queued_images == 0 and b.stats.queue_depth() == 0
+    np.testing.assert_allclose(np.concatenate([r[1] for r in results]), model.predict(x[:50])[1], rtol=1e-5, atol=1e-6)
+    assert all(r[2] is model for r in results) and small[1].shape == (2, 10)
+
+
+def test_unbatched_bounds_images_in_flight_and_drops_expired(model, x):
+    gated = Gated(model)
+
+    async def main():
+        b = Unbatched(gated, BatcherOptions(batching=False, inline_max=0, max_queue_size=10, instances=1))
+        running = asyncio.ensure_future(b.infer(x[:8]))
+        await asyncio.get_running_loop().run_in_executor(None, gated.started.wait, 10)
+        with pytest.raises(Overloaded, match="queue full"):
+            await b.infer(x[:3])
+        with pytest.raises(DeadlineExceeded):
+            await b.infer(x[:1], deadline=time.perf_counter() - 1)
+        gated.gate.set()
+        await running
+        return b, await b.infer(x[:3])
+
+    b, (_, probs, _) = run(main())
+    assert probs.shape == (3, 10) and gated.sizes == [8, 3]
+    assert b.stats.rejected_images == 3 and b.stats.dropped == {"deadline": 1}
+
+
+def test_unbatched_model_failure_swap_and_close(model, onnx_model, x):
+    other = load_model(onnx_model, ModelOptions(intra_op_threads=1))
+
+    async def main():
+        b = Unbatched(Failing(model), BatcherOptions(batching=False))
+        with pytest.raises(ModelFailed):
+            await b.infer(x[:1])
+        ok = await b.infer(x[:1])  # the same (now healthy) model answers the next request
+        b.model = other
+        swapped = await b.infer(x[:1])
+        b.close()
+        with pytest.raises(Unavailable):
+            await b.infer(x[:1])
+        return ok, swapped
+
+    ok, swapped = run(main())
+    assert ok[1].shape == (1, 10) and swapped[2] is other
