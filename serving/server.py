@@ -19,16 +19,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
-from protos.network3.v1 import classifier_pb2, classifier_pb2_grpc
+from protos.inference import grpc_service_pb2
+from protos.network3.v1 import classifier_pb2
 
 from .api.classifier import API as CLASSIFIER_API, ClassifierServicer
-from .api.common import MODEL_NAME, AccessLog, Limits, Serving
+from .api.common import AccessLog, Limits, Serving
 from .api.inference import API as INFERENCE_API, InferenceServicer
 from .batcher import BatcherOptions, DynamicBatcher
+from .contract import MODEL_NAME
 from .errors import BadModel
 from .metrics import Stats, start_metrics_server
 from .model import ModelOptions, load_model
+from .unbatched import Unbatched
 
 log = logging.getLogger("network3.server")
 
@@ -88,6 +90,11 @@ class TokenAuth(grpc.aio.ServerInterceptor):
                        else "missing token: send `authorization: Bearer <token>`")
 
 
+# The grpc handler factory for each (request streaming, response streaming).
+HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+                 (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+
+
 def _refuse(handler, message: str):
     """A handler of the same kind as `handler` that answers UNAUTHENTICATED without reading."""
     async def unary(request, context):
@@ -98,29 +105,23 @@ def _refuse(handler, message: str):
         yield  # pragma: no cover  (makes this an async generator)
 
     kind = (handler.request_streaming, handler.response_streaming)
-    make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}[kind]
-    return make(streaming if kind[1] else unary)
+    return HANDLER_KINDS[kind](streaming if kind[1] else unary)
 
 
-def add_service(server, add_to_server, servicer) -> None:
-    """Register `servicer` as its generated `add_*_to_server` does, but with the requests left as
-    bytes for our handlers to parse (api.common.parser): grpc's own deserializer answers a message
-    that does not parse with UNKNOWN (INTERNAL in a stream), uncounted; ours, INVALID_ARGUMENT."""
-    captured: dict[str, dict] = {}
+def _serialize(response) -> bytes:
+    return response.SerializeToString()
 
-    class Capture:
-        def add_generic_rpc_handlers(self, handlers) -> None:
-            pass
 
-        def add_registered_method_handlers(self, name, handlers) -> None:
-            captured[name] = handlers
-
-    add_to_server(servicer, Capture())
-    for name, handlers in captured.items():
-        raw = {method: h._replace(request_deserializer=None) for method, h in handlers.items()}
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, raw),))
-        server.add_registered_method_handlers(name, raw)
+def add_service(server, service, servicer) -> None:
+    """Register `servicer`'s methods for `service` (a protobuf ServiceDescriptor), as the
+    generated `add_*_to_server` does but with the requests left as bytes (no deserializer) for
+    our wrapper to parse (api.common.parser): grpc's own deserializer answers a message that
+    does not parse with UNKNOWN (INTERNAL in a stream), uncounted; ours, INVALID_ARGUMENT."""
+    handlers = {m.name: HANDLER_KINDS[m.client_streaming, m.server_streaming](
+                    getattr(servicer, m.name), request_deserializer=None, response_serializer=_serialize)
+                for m in service.methods}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 class Network3Server:
@@ -140,7 +141,7 @@ class Network3Server:
         o = self.options
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(None, load_model, o.model, o.model_options)
-        batcher = DynamicBatcher(model, o.batcher, self.stats)
+        batcher = (DynamicBatcher if o.batcher.batching else Unbatched)(model, o.batcher, self.stats)
         access = AccessLog() if o.access_log else None
         self.serving = Serving(batcher=batcher, stats=self.stats, limits=o.limits, model_name=o.model_name,
                                access=access, is_ready=lambda: not self.draining and batcher.model.ready)
@@ -154,8 +155,9 @@ class Network3Server:
             ("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb),
             ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
         ])
-        add_service(server, classifier_pb2_grpc.add_DigitClassifierServicer_to_server, ClassifierServicer(self.serving))
-        add_service(server, grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, InferenceServicer(self.serving))
+        add_service(server, classifier_pb2.DESCRIPTOR.services_by_name["DigitClassifier"], ClassifierServicer(self.serving))
+        add_service(server, grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+                    InferenceServicer(self.serving))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -284,28 +286,32 @@ async def serve(options: ServerOptions) -> int:
 
 # ------------------------------------------------------------------------------------ CLI --
 
+# Every default below is read from the option dataclass it configures: written once, there.
+B, L, M, S = BatcherOptions, Limits, ModelOptions, ServerOptions
+
+
 @click.command("serve", context_settings={"max_content_width": 100, "show_default": True})
 @click.option("--model", "model", required=True, envvar="NETWORK3_MODEL", type=click.Path(dir_okay=False, path_type=Path),
               help="The ONNX file to serve (from `network3-train export`).")
-@click.option("--host", default="127.0.0.1", envvar="NETWORK3_HOST", help="Address to bind; loopback unless you say otherwise.")
-@click.option("--port", default=50051, type=click.IntRange(0, 65535), envvar="NETWORK3_PORT", help="Port to bind (0: any free port).")
-@click.option("--model-name", default=MODEL_NAME, help="The model's name on the v2 inference API.")
-@click.option("--max-batch-size", default=256, type=click.IntRange(1), help="Images per onnxruntime call at most.")
-@click.option("--max-queue-delay-us", default=0, type=click.IntRange(0),
+@click.option("--host", default=S.host, envvar="NETWORK3_HOST", help="Address to bind; loopback unless you say otherwise.")
+@click.option("--port", default=S.port, type=click.IntRange(0, 65535), envvar="NETWORK3_PORT", help="Port to bind (0: any free port).")
+@click.option("--model-name", default=S.model_name, help="The model's name on the v2 inference API.")
+@click.option("--max-batch-size", default=B.max_batch_size, type=click.IntRange(1), help="Images per onnxruntime call at most.")
+@click.option("--max-queue-delay-us", default=B.max_queue_delay_us, type=click.IntRange(0),
               help="Wait this long after the oldest queued request for a fuller batch (0: take what is queued, never wait).")
-@click.option("--max-queue-size", default=4096, type=click.IntRange(1),
+@click.option("--max-queue-size", default=B.max_queue_size, type=click.IntRange(1),
               help="Images allowed to wait; beyond it requests get RESOURCE_EXHAUSTED at once.")
-@click.option("--instances", default=1, type=click.IntRange(1), help="Batches computed in parallel (executor threads).")
-@click.option("--batching/--no-batching", default=True, help="--no-batching runs each request on its own (for comparison).")
-@click.option("--inline-max-images", default=8, type=click.IntRange(0),
+@click.option("--instances", default=B.instances, type=click.IntRange(1), help="Batches computed in parallel (executor threads).")
+@click.option("--batching/--no-batching", default=B.batching, help="--no-batching runs each request on its own (for comparison).")
+@click.option("--inline-max-images", default=B.inline_max, type=click.IntRange(0),
               help="Batches up to this many images run on the event loop thread; larger ones in executor threads.")
-@click.option("--intra-op-threads", default=1, type=click.IntRange(0),
+@click.option("--intra-op-threads", default=M.intra_op_threads, type=click.IntRange(0),
               help="onnxruntime threads per call (0: one per core).  1 leaves the other cores to gRPC and other batches.")
-@click.option("--max-message-bytes", default=64 * 1024 * 1024, type=click.IntRange(1024), help="gRPC message size limit, both directions.")
-@click.option("--max-images-per-request", default=1024, type=click.IntRange(1), help="More images in one request are refused.")
-@click.option("--max-pixels", default=40_000_000, type=click.IntRange(1), help="Largest decoded image (width x height): no decompression bombs.")
-@click.option("--grace", default=10.0, type=click.FloatRange(0), help="On SIGTERM/SIGINT, seconds calls in flight get to finish.")
-@click.option("--metrics-port", default=None, type=click.IntRange(0, 65535), envvar="NETWORK3_METRICS_PORT",
+@click.option("--max-message-bytes", default=L.max_message_bytes, type=click.IntRange(1024), help="gRPC message size limit, both directions.")
+@click.option("--max-images-per-request", default=L.max_images_per_request, type=click.IntRange(1), help="More images in one request are refused.")
+@click.option("--max-pixels", default=L.max_pixels, type=click.IntRange(1), help="Largest decoded image (width x height): no decompression bombs.")
+@click.option("--grace", default=S.grace, type=click.FloatRange(0), help="On SIGTERM/SIGINT, seconds calls in flight get to finish.")
+@click.option("--metrics-port", default=S.metrics_port, type=click.IntRange(0, 65535), envvar="NETWORK3_METRICS_PORT",
               help="Serve Prometheus metrics on this port at /metrics (off unless given).")
 @click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), help="PEM certificate chain: serve TLS.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), help="PEM private key for --tls-cert.")
@@ -313,7 +319,7 @@ async def serve(options: ServerOptions) -> int:
               help="PEM CA bundle: require client certificates signed by it (mutual TLS).")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), envvar="NETWORK3_TOKEN_FILE",
               help="File holding a token every call but health and reflection must send as `authorization: Bearer <token>`.")
-@click.option("--access-log/--no-access-log", default=True, help="One line per RPC on stderr: id, method, status, images, latency.")
+@click.option("--access-log/--no-access-log", default=S.access_log, help="One line per RPC on stderr: id, method, status, images, latency.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Log level of the server's own messages.")
 def serve_command(model, host, port, model_name, max_batch_size, max_queue_delay_us, max_queue_size, instances,

@@ -1,4 +1,5 @@
-"""What both servicers share: their settings, the RPC wrapper (errors, metrics, access log).
+"""What both servicers share: their settings and the one RPC wrapper, `rpc` (errors, metrics,
+access log).
 
 The wrapper is the one place a domain error becomes a gRPC status (via errors.grpc_status),
 and where every RPC is counted and logged, so the servicers only convert protos and arrays.
@@ -6,6 +7,8 @@ and where every RPC is counted and logged, so the servicers only convert protos 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import itertools
 import logging
 import os
@@ -18,29 +21,27 @@ from typing import Callable
 
 import grpc
 
-from ..batcher import DynamicBatcher
+from ..contract import MAX_IMAGES_PER_REQUEST, MAX_MESSAGE_BYTES, MAX_PIXELS, MODEL_NAME, MODEL_VERSION
 from ..errors import InvalidInput, Network3Error, Unavailable, grpc_status
-from ..metrics import MethodStats, Stats
+from ..metrics import Stats
 
 log = logging.getLogger("network3.server")
 now = time.perf_counter
 
-MODEL_NAME = "network3"
-MODEL_VERSION = "1"
-
 
 @dataclass
 class Limits:
-    max_images_per_request: int = 1024
-    max_pixels: int = 40_000_000  # per decoded image, width * height (decompression bombs)
-    max_message_bytes: int = 64 * 1024 * 1024  # gRPC messages, both directions
+    max_images_per_request: int = MAX_IMAGES_PER_REQUEST
+    max_pixels: int = MAX_PIXELS  # per decoded image, width * height (decompression bombs)
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # gRPC messages, both directions
 
 
 @dataclass
 class Serving:
-    """Everything a servicer needs.  The current model is `batcher.model` (swapped on reload)."""
+    """Everything a servicer needs.  The current model is `batcher.model` (swapped on reload).
+    `batcher` is a batcher.DynamicBatcher or, with --no-batching, an unbatched.Unbatched."""
 
-    batcher: DynamicBatcher
+    batcher: object
     stats: Stats
     limits: Limits = field(default_factory=Limits)
     model_name: str = MODEL_NAME
@@ -72,7 +73,8 @@ class AccessLog:
     """One line per RPC: `<time> access id=.. method=.. code=.. images=.. ms=..`.
 
     Lines are buffered and written every `flush_s` seconds (and on close): a logging call per
-    request costs ~9 us, a sizeable part of a 1-image request; an f-string into a list ~1 us.
+    request costs a sizeable part of a 1-image request, appending an f-string to a list very
+    little (docs/results.md has the figures).
     """
 
     def __init__(self, stream=None, flush_s: float = 0.25) -> None:
@@ -115,7 +117,16 @@ class AccessLog:
                 pass  # a closed or broken log stream must not take the server down
 
 
-# ------------------------------------------------------------------------------- wrappers --
+# --------------------------------------------------------------------------------- the wrapper --
+
+class Servicer:
+    """Base of our servicers: `API` is the service's full name, `serving` what its methods use."""
+
+    API = ""
+
+    def __init__(self, serving: Serving) -> None:
+        self.serving = serving
+
 
 def _request_id(context) -> str | None:
     for key, value in context.invocation_metadata() or ():
@@ -143,98 +154,111 @@ def parser(message_type) -> Callable:
     return parse
 
 
-def _as_is(request):
-    return request
+def _no_images(servicer, request) -> int:
+    return 0
 
 
-def unary(serving: Serving, api: str, method: str, fn, count: Callable, model_call: bool = False, rid_of=None,
-          parse: Callable = _as_is):
-    """Wrap `async fn(request, context) -> response` as a grpc.aio unary handler.
-    `parse` turns the raw request into the message (see parser)."""
-    ms: MethodStats = serving.stats.method(api, method)
-    access, stats = serving.access, serving.stats
-    full = f"{api}.{method}"
+def rpc(request_type, *, images: Callable = _no_images, model_call: bool = False, request_id: Callable | None = None):
+    """The one wrapper of every RPC method of our servicers, unary and streaming alike:
 
-    async def handler(raw, context):
-        t0 = now()
-        code = "OK"
-        request = None
-        serving.inflight += 1
-        try:
-            if serving.draining:
-                raise Unavailable("server is shutting down: retry on another replica")
-            request = parse(raw)
-            return await fn(request, context)
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as e:
-            code, status, message = _outcome(e, context, full, method)
-            if status is None:
-                raise
-            await context.abort(status, message)
-        finally:
-            serving.inflight -= 1
-            dt = now() - t0
-            try:
-                images = count(request)
-            except Exception:
-                images = 0
-            ms.record(code, images, dt)
-            if model_call:
-                stats.record_model_request(code == "OK", dt)
-            if access is not None:
-                # v2 requests carry their own id; ours may send x-request-id metadata.
-                rid = ((rid_of(request) if request is not None else "") if rid_of else _request_id(context)) or access.new_id()
-                access.write(rid, full, code, images, dt)
+        @rpc(pb.ModelInferRequest, images=..., model_call=True, request_id=lambda r: r.id)
+        async def ModelInfer(self, request, context): ...
 
-    return handler
+        @rpc(pb.ModelInferRequest, images=...)
+        async def ModelStreamInfer(self, request_iterator, context): ...  # an async generator
 
-
-def stream(serving: Serving, api: str, method: str, fn, parse: Callable = _as_is):
-    """Wrap `async gen fn(request_iterator, context, tally)` as a grpc.aio stream-stream handler.
-
-    `tally` is a [messages, images] list the generator updates; one access line per stream.
-    A streamed message that does not `parse` ends the stream with INVALID_ARGUMENT.
+    It parses the raw request bytes (see parser), refuses calls while draining, maps errors to
+    statuses (_outcome), and records each RPC once: its status and latency in the metrics and
+    a line in the access log.  `images(servicer, request)` counts a request's images (for a
+    stream, summed over its messages); `model_call` also counts the RPC as a model request
+    (v2 statistics); `request_id(request)` is the id the access log shows (default: the
+    x-request-id metadata, else a new id).
     """
-    ms: MethodStats = serving.stats.method(api, method)
-    access = serving.access
-    full = f"{api}.{method}"
+    parse = parser(request_type)
 
-    async def handler(request_iterator, context):
-        t0 = now()
-        code = "OK"
-        tally = [0, 0]
-        serving.inflight += 1
-        try:
-            if serving.draining:
-                raise Unavailable("server is shutting down: retry on another replica")
-            async for response in fn(_parsed(request_iterator, parse), context, tally):
-                yield response
-        except (asyncio.CancelledError, GeneratorExit):  # the client went away
-            code = "CANCELLED"
-            raise
-        except Exception as e:
-            code, status, message = _outcome(e, context, full, method)
-            if status is None:
+    def wrap(fn):
+        method = fn.__name__
+
+        if inspect.isasyncgenfunction(fn):
+            @functools.wraps(fn)
+            async def streaming(self, request_iterator, context):
+                serving, t0, code, tally = self.serving, now(), "OK", [0]
+                serving.inflight += 1
+                try:
+                    if serving.draining:
+                        raise Unavailable("server is shutting down: retry on another replica")
+                    async for response in fn(self, _parsed(request_iterator, parse, images, self, tally), context):
+                        yield response
+                except (asyncio.CancelledError, GeneratorExit):  # the client went away
+                    code = "CANCELLED"
+                    raise
+                except Exception as e:
+                    code, status, message = _outcome(e, context, self.API, method)
+                    if status is None:
+                        raise
+                    await context.abort(status, message)
+                finally:
+                    serving.inflight -= 1
+                    _record(serving, self.API, method, code, tally[0], now() - t0, False, context)
+
+            return streaming
+
+        @functools.wraps(fn)
+        async def unary(self, raw, context):
+            serving, t0, code, request = self.serving, now(), "OK", None
+            serving.inflight += 1
+            try:
+                if serving.draining:
+                    raise Unavailable("server is shutting down: retry on another replica")
+                request = parse(raw)
+                return await fn(self, request, context)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
                 raise
-            await context.abort(status, message)
-        finally:
-            serving.inflight -= 1
-            dt = now() - t0
-            ms.record(code, tally[1], dt)
-            if access is not None:
-                access.write(_request_id(context) or access.new_id(), full, code, tally[1], dt)
+            except Exception as e:
+                code, status, message = _outcome(e, context, self.API, method)
+                if status is None:
+                    raise
+                await context.abort(status, message)
+            finally:
+                serving.inflight -= 1
+                try:
+                    n = images(self, request) if request is not None else 0
+                except Exception:
+                    n = 0
+                _record(serving, self.API, method, code, n, now() - t0, model_call, context, request, request_id)
 
-    return handler
+        return unary
+
+    return wrap
 
 
-async def _parsed(request_iterator, parse):
+def _record(serving: Serving, api: str, method: str, code: str, images: int, seconds: float, model_call: bool,
+            context, request=None, request_id: Callable | None = None) -> None:
+    """An RPC ended: count it, and write its access line."""
+    serving.stats.method(api, method).record(code, images, seconds)
+    if model_call:
+        serving.stats.record_model_request(code == "OK", seconds)
+    access = serving.access
+    if access is not None:
+        if request_id is not None:  # v2 requests carry their own id
+            rid = request_id(request) if request is not None else None
+        else:  # ours may send x-request-id metadata
+            rid = _request_id(context)
+        access.write(rid or access.new_id(), f"{api}.{method}", code, images, seconds)
+
+
+async def _parsed(request_iterator, parse, images, servicer, tally):
     async for raw in request_iterator:
-        yield parse(raw)
+        request = parse(raw)
+        try:
+            tally[0] += images(servicer, request)
+        except Exception:
+            pass
+        yield request
 
 
-def _outcome(e: Exception, context, full: str, method: str) -> tuple[str, grpc.StatusCode | None, str]:
+def _outcome(e: Exception, context, api: str, method: str) -> tuple[str, grpc.StatusCode | None, str]:
     """The status a failed RPC ends with: (code name, status to abort with or None to re-raise, message).
 
     Domain errors map through `errors.grpc_status`; an abort the handler made itself passes
@@ -245,7 +269,7 @@ def _outcome(e: Exception, context, full: str, method: str) -> tuple[str, grpc.S
         return status.name, status, message
     if isinstance(e, grpc.aio.AbortError):
         return _code_name(context), None, ""
-    log.exception("%s failed", full)
+    log.exception("%s.%s failed", api, method)
     return "INTERNAL", grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(e).__name__}"
 
 

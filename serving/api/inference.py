@@ -9,81 +9,77 @@ output requested with the int64 parameter `classification` = k answers BYTES [N,
 """
 from __future__ import annotations
 
-import struct
-
-import numpy as np
+import datetime
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference import model_config_pb2 as mc
 
-from .. import __version__, preprocess
-from ..errors import InvalidInput, ModelNotFound, Network3Error, Overloaded
-from ..model import CLASSES, INPUT_NAME, OUTPUT_NAMES
-from .common import Serving, deadline_of, now, parser, pipelined, stream, unary
+from .. import __version__, codec
+from ..contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAMES
+from ..errors import ModelNotFound, Network3Error
+from .common import Servicer, deadline_of, now, pipelined, rpc
 
 API = "inference.GRPCInferenceService"
 EXTENSIONS = ["classification", "model_configuration", "statistics"]
-SHAPE = [1, 28, 28]
-ITEMS = preprocess.PIXELS  # values per image
-RAW_BYTES = {"FP32": 4, "UINT8": 1}
-ONE_BITS = 0x3F800000  # 1.0f as uint32
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, serving: Serving) -> None:
-        self.s = serving
-        zero = lambda r: 0  # noqa: E731
-        for name, fn in [("ServerLive", self._server_live), ("ServerReady", self._server_ready),
-                         ("ModelReady", self._model_ready), ("ServerMetadata", self._server_metadata),
-                         ("ModelMetadata", self._model_metadata), ("ModelConfig", self._model_config),
-                         ("ModelStatistics", self._model_statistics)]:
-            setattr(self, name, unary(serving, API, name, fn, zero, parse=parser(getattr(pb, f"{name}Request"))))
-        infer = parser(pb.ModelInferRequest)
-        count = lambda r: _count(r, serving.limits.max_images_per_request)  # noqa: E731
-        self.ModelInfer = unary(serving, API, "ModelInfer", self._model_infer, count, model_call=True,
-                                rid_of=lambda r: r.id, parse=infer)
-        self.ModelStreamInfer = stream(serving, API, "ModelStreamInfer", self._model_stream_infer, parse=infer)
+def _images(servicer: "InferenceServicer", request: pb.ModelInferRequest) -> int:
+    return codec.images_declared(request, servicer.serving.limits.max_images_per_request)
+
+
+class InferenceServicer(Servicer, pb_grpc.GRPCInferenceServiceServicer):
+    API = API
 
     # -- health and metadata ----------------------------------------------------------------
 
-    async def _server_live(self, request, context):
+    @rpc(pb.ServerLiveRequest)
+    async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
-    async def _server_ready(self, request, context):
-        return pb.ServerReadyResponse(ready=self.s.is_ready())
+    @rpc(pb.ServerReadyRequest)
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.serving.is_ready())
 
-    async def _model_ready(self, request, context):
-        known = request.name == self.s.model_name and request.version in ("", self.s.model_version)
-        return pb.ModelReadyResponse(ready=known and self.s.is_ready())
+    @rpc(pb.ModelReadyRequest)
+    async def ModelReady(self, request, context):
+        s = self.serving
+        known = request.name == s.model_name and request.version in ("", s.model_version)
+        return pb.ModelReadyResponse(ready=known and s.is_ready())
 
-    async def _server_metadata(self, request, context):
-        return pb.ServerMetadataResponse(name="network3", version=__version__, extensions=EXTENSIONS)
+    @rpc(pb.ServerMetadataRequest)
+    async def ServerMetadata(self, request, context):
+        # The server is named after the one model it serves, as the distribution is.
+        return pb.ServerMetadataResponse(name=MODEL_NAME, version=__version__, extensions=EXTENSIONS)
 
-    async def _model_metadata(self, request, context):
+    @rpc(pb.ModelMetadataRequest)
+    async def ModelMetadata(self, request, context):
         self._check_model(request.name, request.version)
-        model = self.s.model
+        s = self.serving
+        model = s.model
         T = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=self.s.model_name, versions=[self.s.model_version], platform="onnxruntime_onnx",
+            name=s.model_name, versions=[s.model_version], platform="onnxruntime_onnx",
             inputs=[T(name=INPUT_NAME, datatype="FP32", shape=model.input_shape)],
             outputs=[T(name=name, datatype="FP32", shape=model.output_shapes[name]) for name in OUTPUT_NAMES],
             parameters={k: pb.InferParameter(string_param=v) for k, v in _model_facts(model).items()},
         )
 
-    async def _model_config(self, request, context):
+    @rpc(pb.ModelConfigRequest)
+    async def ModelConfig(self, request, context):
         self._check_model(request.name, request.version)
-        model, o = self.s.model, self.s.batcher.options
+        s = self.serving
+        model, o = s.model, s.batcher.options
         gpu = any(p.startswith("CUDA") for p in model.providers)
         config = mc.ModelConfig(
-            name=self.s.model_name, platform="onnxruntime_onnx", backend="onnxruntime",
+            name=s.model_name, platform="onnxruntime_onnx", backend="onnxruntime",
             max_batch_size=o.max_batch_size,
             # As in Triton: with max_batch_size > 0 the dims leave out the batch dimension.
             input=[mc.ModelInput(name=INPUT_NAME, data_type=mc.TYPE_FP32, format=mc.ModelInput.FORMAT_NCHW,
                                  dims=model.input_shape[1:])],
             output=[mc.ModelOutput(name=name, data_type=mc.TYPE_FP32, dims=model.output_shapes[name][1:])
                     for name in OUTPUT_NAMES],
-            instance_group=[mc.ModelInstanceGroup(name=self.s.model_name, count=o.instances,
+            instance_group=[mc.ModelInstanceGroup(name=s.model_name, count=o.instances,
                                                   kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU)],
             default_model_filename=model.path.name,
             parameters={k: mc.ModelParameter(string_value=v) for k, v in _model_facts(model).items()},
@@ -94,15 +90,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 default_queue_policy=mc.ModelQueuePolicy(max_queue_size=o.max_queue_size)))
         return pb.ModelConfigResponse(config=config)
 
-    async def _model_statistics(self, request, context):
+    @rpc(pb.ModelStatisticsRequest)
+    async def ModelStatistics(self, request, context):
         if request.name:
             self._check_model(request.name, request.version)
-        st = self.s.stats
+        s = self.serving
+        st = s.stats
         D = pb.StatisticDuration
         ns = lambda seconds: int(seconds * 1e9)  # noqa: E731
         ok, fail, comp = st.model_ok, st.model_fail, st.request_compute
         stats = pb.ModelStatistics(
-            name=self.s.model_name, version=self.s.model_version, last_inference=st.last_inference_ms,
+            name=s.model_name, version=s.model_version, last_inference=st.last_inference_ms,
             inference_count=st.inference_count(), execution_count=st.execution_count(),
             inference_stats=pb.InferStatistics(
                 success=D(count=ok[0], ns=ns(ok[1])), fail=D(count=fail[0], ns=ns(fail[1])),
@@ -116,27 +114,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference --------------------------------------------------------------------------
 
-    async def _model_infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        self._check_model(request.model_name, request.model_version)
-        x = self._input(request)
-        outputs = self._outputs(request)
-        logits, probs, model = await self.s.batcher.infer(x, deadline_of(context))
-        return self._response(request, outputs, logits, probs, model)
+    @rpc(pb.ModelInferRequest, images=_images, model_call=True, request_id=lambda r: r.id)
+    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        return await self._infer(request, deadline_of(context))
 
-    async def _model_stream_infer(self, request_iterator, context, tally):
+    @rpc(pb.ModelInferRequest, images=_images)
+    async def ModelStreamInfer(self, request_iterator, context):
         deadline = deadline_of(context)
-        stats = self.s.stats
+        stats = self.serving.stats
 
         async def one(request):
-            tally[0] += 1
             t0 = now()
             try:
-                tally[1] += _count(request, self.s.limits.max_images_per_request)
-                self._check_model(request.model_name, request.model_version)
-                x = self._input(request)
-                outputs = self._outputs(request)
-                logits, probs, model = await self.s.batcher.infer(x, deadline)
-                response = pb.ModelStreamInferResponse(infer_response=self._response(request, outputs, logits, probs, model))
+                response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
                 stats.record_model_request(True, now() - t0)
                 return response
             except Network3Error as e:
@@ -147,136 +137,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async for response in pipelined(request_iterator, one):
             yield response
 
+    async def _infer(self, request: pb.ModelInferRequest, deadline) -> pb.ModelInferResponse:
+        s = self.serving
+        self._check_model(request.model_name, request.model_version)
+        x = codec.request_input(request, s.limits.max_images_per_request)
+        outputs = codec.requested_outputs(request)
+        logits, probs, model = await s.batcher.infer(x, deadline)
+        return codec.response(request, outputs, logits, probs, model.labels, s.model_name, s.model_version)
+
     def _check_model(self, name: str, version: str) -> None:
-        if name != self.s.model_name:
-            raise ModelNotFound(f"model_name: unknown model {name!r}; this server serves {self.s.model_name!r}")
-        if version not in ("", self.s.model_version):
-            raise ModelNotFound(f"model_version: {self.s.model_name!r} has no version {version!r} "
-                                f"(only {self.s.model_version!r})")
-
-    def _input(self, request: pb.ModelInferRequest) -> np.ndarray:
-        """The request's `images` tensor as float32 [N, 1, 28, 28] in [0, 1], or InvalidInput."""
-        inputs = request.inputs
-        if len(inputs) != 1:
-            if not inputs:
-                raise InvalidInput(f"inputs: the request has no inputs; the model takes {INPUT_NAME!r}")
-            raise InvalidInput(f"inputs: {len(inputs)} inputs {[i.name for i in inputs]}; the model takes one, {INPUT_NAME!r}")
-        t = inputs[0]
-        if t.name != INPUT_NAME:
-            raise InvalidInput(f"inputs[0]: unknown input {t.name!r}; the model's input is {INPUT_NAME!r}")
-        shape = list(t.shape)
-        if len(shape) != 4 or shape[1:] != SHAPE or shape[0] < 1:
-            raise InvalidInput(f"input {INPUT_NAME!r}: shape {shape}, expected [N, 1, 28, 28] with N >= 1")
-        n = shape[0]
-        limit = self.s.limits.max_images_per_request
-        if n > limit:
-            raise Overloaded(f"input {INPUT_NAME!r}: {n} images in one request, over --max-images-per-request {limit}")
-        dtype = t.datatype
-        if dtype not in RAW_BYTES:
-            raise InvalidInput(f"input {INPUT_NAME!r}: datatype {dtype!r}, expected FP32 (in [0, 1]) or UINT8")
-        raw = request.raw_input_contents
-        typed = t.HasField("contents")
-        if raw and typed:
-            raise InvalidInput(f"input {INPUT_NAME!r}: both raw_input_contents and contents are set; send one")
-        if raw:
-            if len(raw) != 1:
-                raise InvalidInput(f"raw_input_contents: {len(raw)} entries for 1 input")
-            data = raw[0]
-            expected = n * ITEMS * RAW_BYTES[dtype]
-            if len(data) != expected:
-                raise InvalidInput(f"input {INPUT_NAME!r}: raw_input_contents has {len(data)} bytes, shape {shape} "
-                                   f"{dtype} needs {expected}")
-            values = np.frombuffer(data, "<f4" if dtype == "FP32" else np.uint8)
-        elif typed:
-            c = t.contents
-            field = "fp32_contents" if dtype == "FP32" else "uint_contents"
-            got = getattr(c, field)
-            if len(got) != n * ITEMS:
-                raise InvalidInput(f"input {INPUT_NAME!r}: contents.{field} has {len(got)} values, shape {shape} needs {n * ITEMS}")
-            if dtype == "FP32":
-                values = np.array(got, np.float32)
-            else:
-                wide = np.array(got, np.uint32)
-                if wide.max() > 255:
-                    raise InvalidInput(f"input {INPUT_NAME!r}: contents.uint_contents has values over 255 for UINT8")
-                values = wide.astype(np.uint8)
-        else:
-            raise InvalidInput(f"input {INPUT_NAME!r}: no data (neither raw_input_contents nor contents)")
-        if dtype == "UINT8":
-            return preprocess.pixels_to_input(values.reshape(n, 28, 28))
-        x = values.reshape(n, *SHAPE)
-        # One reduction in the common case: as uint32, +0.0..1.0 are exactly 0..0x3F800000 and
-        # negatives, NaN and infinity are all larger.  Only a failure looks closer (-0.0 passes).
-        if values.view(np.uint32).max() > ONE_BITS and not (x.min() >= 0.0 and x.max() <= 1.0):
-            lo, hi = x.min(), x.max()
-            if np.isnan(x).any():
-                what = "NaN"
-            elif np.isinf(x).any():
-                what = "infinity"
-            else:
-                what = f"values outside [0, 1] (min {float(lo):g}, max {float(hi):g})"
-            raise InvalidInput(f"input {INPUT_NAME!r}: FP32 input contains {what}; pixels must lie in [0, 1]")
-        return x
-
-    def _outputs(self, request: pb.ModelInferRequest) -> list[tuple[str, int]]:
-        """[(output name, classification count or 0)]: all outputs when none are asked for."""
-        if not request.outputs:
-            return [(name, 0) for name in OUTPUT_NAMES]
-        out = []
-        for i, o in enumerate(request.outputs):
-            if o.name not in OUTPUT_NAMES:
-                raise InvalidInput(f"outputs[{i}]: unknown output {o.name!r}; the model has {list(OUTPUT_NAMES)}")
-            k = 0
-            if "classification" in o.parameters:
-                p = o.parameters["classification"]
-                k = p.int64_param if p.WhichOneof("parameter_choice") == "int64_param" else -1
-                if not 1 <= k <= CLASSES:
-                    raise InvalidInput(f"outputs[{i}] ({o.name}): parameter 'classification' must be an int64 "
-                                       f"from 1 to {CLASSES}")
-            out.append((o.name, k))
-        return out
-
-    def _response(self, request, outputs, logits, probs, model) -> pb.ModelInferResponse:
-        T = pb.ModelInferResponse.InferOutputTensor
-        tensors, raws = [], []
-        n = len(logits)
-        for name, k in outputs:
-            values = logits if name == "logits" else probs
-            if not k:
-                tensors.append(T(name=name, datatype="FP32", shape=[n, CLASSES]))
-                raws.append(values.tobytes())
-            else:
-                tensors.append(T(name=name, datatype="BYTES", shape=[n, k]))
-                raws.append(_classification(values, k, model.labels))
-        return pb.ModelInferResponse(model_name=self.s.model_name, model_version=self.s.model_version, id=request.id,
-                                     outputs=tensors, raw_output_contents=raws)
-
-
-def _count(request, limit: int = 1 << 31) -> int:
-    """The images a request declares, for the counters: 0 for a batch size we refuse, so that a
-    hostile shape ([-2**63, ...] or [2**62, ...]) cannot move them."""
-    n = int(request.inputs[0].shape[0]) if request.inputs and request.inputs[0].shape else 0
-    return n if 0 < n <= limit else 0
-
-
-def _classification(values: np.ndarray, k: int, labels: list[str]) -> bytes:
-    """Triton's classification output: per row the top k as "<value>:<index>:<label>",
-    each serialized as a BYTES element (4-byte little-endian length, then the bytes)."""
-    order = np.argsort(-values, axis=1, kind="stable")[:, :k]
-    top = np.take_along_axis(values, order, 1)
-    parts = []
-    for row_i, row_v in zip(order.tolist(), top.tolist()):
-        for j, v in zip(row_i, row_v):
-            s = f"{v:f}:{j}:{labels[j]}".encode()
-            parts.append(struct.pack("<I", len(s)))
-            parts.append(s)
-    return b"".join(parts)
+        s = self.serving
+        if name != s.model_name:
+            raise ModelNotFound(f"model_name: unknown model {name!r}; this server serves {s.model_name!r}")
+        if version not in ("", s.model_version):
+            raise ModelNotFound(f"model_version: {s.model_name!r} has no version {version!r} "
+                                f"(only {s.model_version!r})")
 
 
 def _model_facts(model) -> dict[str, str]:
     """The loaded file's identity, shown by ModelMetadata and ModelConfig: a reload is visible."""
-    import datetime
-
     loaded = datetime.datetime.fromtimestamp(model.loaded_at, datetime.timezone.utc).isoformat(timespec="milliseconds")
     facts = {"sha256": model.sha256, "loaded_at": loaded, "path": str(model.path)}
     for key in ("test_accuracy", "preset", "exported_at", "git_commit", "network3_version"):
