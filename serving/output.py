@@ -15,6 +15,8 @@ from pathlib import Path
 
 import click
 
+from .confusion import format_confusion
+from .contract import CLASSES
 from .predictions import Prediction
 
 
@@ -56,7 +58,8 @@ class JsonLines:
         self.file = file
 
     def row(self, source: str, label: int | None, p: Prediction) -> None:
-        # Written by hand: json.dumps of a dict per image is a third of the client's time.
+        # Written by hand, not json.dumps of a dict: this runs once per image, and building and
+        # serialising a dict per image costs more than the rest of the client's work on it.
         parts = ['{"source": ', json.dumps(source)]
         if p.error is None:
             parts += [', "digit": %d, "confidence": %.6f, "probabilities": [' % (p.digit, p.probability),
@@ -79,7 +82,7 @@ class Csv:
         self.w = csv.writer(file, lineterminator="\n")
         self.top_k = top_k
         self.file = file
-        self.w.writerow(["source", "digit", "confidence", "label", "error"] + [f"p{i}" for i in range(10)]
+        self.w.writerow(["source", "digit", "confidence", "label", "error"] + [f"p{i}" for i in range(CLASSES)]
                         + (["top_k"] if top_k else []))
 
     def row(self, source, label, p: Prediction) -> None:
@@ -87,7 +90,7 @@ class Csv:
         if p.error is None:
             row = [source, p.digit, f"{p.probability:.6f}", lab, ""] + [f"{x:.6f}" for x in p.probabilities]
         else:
-            row = [source, "", "", lab, p.error] + [""] * 10
+            row = [source, "", "", lab, p.error] + [""] * CLASSES
         if self.top_k:
             row.append(" ".join(f"{k}:{v:.4f}" for k, v in p.top_k))
         self.w.writerow(row)
@@ -130,7 +133,7 @@ class Tally:
 
     def __init__(self):
         self.n = self.failed = self.labelled = self.correct = 0
-        self.confusion = [[0] * 10 for _ in range(10)]
+        self.confusion = [[0] * CLASSES for _ in range(CLASSES)]
 
     def add(self, label: int | None, p: Prediction) -> None:
         self.n += 1
@@ -149,22 +152,23 @@ class Tally:
         failed = f"; {self.failed:,} failed" if self.failed else ""
         rate = f", {self.n / seconds:,.0f} images/s" if seconds > 0 else ""
         lines = [f"accuracy {acc:.2%}: {self.correct:,} of {self.labelled:,} labelled images right{failed}"
-                 f" ({self.n:,} images in {seconds:.2f} s{rate})",
-                 "confusion matrix (rows: true label, columns: predicted digit)",
-                 "      " + "".join(f"{d:>6}" for d in range(10))]
-        for t in range(10):
-            lines.append(f"{t:>6}" + "".join(f"{c:>6}" for c in self.confusion[t]))
+                 f" ({self.n:,} images in {seconds:.2f} s{rate})", *format_confusion(self.confusion)]
         file.write("\n".join(lines) + "\n")
         file.flush()
 
 
 class Progress:
-    """One self-rewriting line on stderr, from one second into the job, at most 10 times a second."""
+    """One self-rewriting line on stderr ("12,345 images  3,210/s", then "  7 failed" when some
+    did), from DELAY seconds into the job, redrawn at most every INTERVAL seconds, and cleared
+    (the line blanked, the cursor back at its start) by close()."""
+
+    DELAY = 1.0  # a job done sooner never shows the line
+    INTERVAL = 0.1
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.t0 = time.monotonic()
-        self._next = self.t0 + 1.0
+        self._next = self.t0 + self.DELAY
         self._shown = False
 
     def elapsed(self) -> float:
@@ -176,7 +180,7 @@ class Progress:
         now = time.monotonic()
         if now < self._next:
             return
-        self._next = now + 0.1
+        self._next = now + self.INTERVAL
         rate = n / (now - self.t0)
         msg = f"\r{n:,} images  {rate:,.0f}/s" + (f"  {failed:,} failed" if failed else "")
         sys.stderr.write(msg + "\x1b[K")

@@ -15,7 +15,7 @@ from .contract import SIDE
 from .errors import InvalidInput
 
 BOX = 20  # MNIST's frame (contract.SIDE) ... in which the digit is fitted into 20x20 ...
-CENTRE = 14  # ... and put with its centre of mass here (row and column index, rounded)
+CENTRE = SIDE // 2  # ... and put with its centre of mass here (row and column index, rounded)
 WORK = 256  # longest side while finding the digit; the digit itself is cut out at up to 4x that
 STROKE = 2.0  # MNIST's median stroke width in pixels (2 * area / perimeter of the ink >= 128)
 SLANT = (-0.74, 0.52)  # MNIST's 1st..99th percentile of the shear moment mu11/mu02 (y down)

@@ -8,7 +8,6 @@ batch.  Images in a folder named 0..9 are labelled with that digit.
 from __future__ import annotations
 
 import glob
-import gzip
 import os
 import re
 from dataclasses import dataclass
@@ -17,12 +16,11 @@ from typing import Iterable, Iterator, TextIO
 
 import numpy as np
 
-from . import preprocess
+from . import idx, preprocess
+from .contract import MAX_PIXELS
 from .errors import InvalidInput
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-IDX_IMAGES_MAGIC = b"\x00\x00\x08\x03"
-IDX_LABELS_MAGIC = b"\x00\x00\x08\x01"
 GLOB_CHARS = re.compile(r"[*?\[]")
 
 
@@ -90,12 +88,12 @@ def _walk(folder: Path) -> Iterator[Entry]:
             path = Path(root, name)
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 yield Entry(source=str(path), label=_folder_label(path), path=path)
-            elif _is_idx_images(path):
+            elif idx.is_images(path):
                 yield from _idx(path, str(path))
 
 
 def _file(path: Path, given: str) -> Iterator[Entry]:
-    if path.suffix.lower() not in IMAGE_SUFFIXES and _is_idx_images(path):
+    if path.suffix.lower() not in IMAGE_SUFFIXES and idx.is_images(path):
         yield from _idx(path, given)
     else:
         yield Entry(source=given, label=_folder_label(path), path=path)
@@ -106,33 +104,7 @@ def _folder_label(path: Path) -> int | None:
     return int(name) if len(name) == 1 and name.isdigit() else None
 
 
-# ---- IDX files (MNIST's own format) ----
-
-def _is_idx_images(path: Path) -> bool:
-    """Sniffed from the magic number (gzip or not), whatever the file is called."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-            if head[:2] == b"\x1f\x8b":
-                f.seek(0)
-                head = gzip.GzipFile(fileobj=f).read(4)
-    except (OSError, EOFError):
-        return False
-    return head == IDX_IMAGES_MAGIC
-
-
-def _read_idx(path: Path, magic: bytes, ndim: int) -> np.ndarray:
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    if raw[:4] != magic or len(raw) < 4 + 4 * ndim:
-        raise InvalidInput(f"{path}: not an IDX file of uint8 {'images' if ndim == 3 else 'labels'}")
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    body = raw[4 + 4 * ndim:]
-    if len(body) != int(np.prod(dims)):
-        raise InvalidInput(f"{path}: header says {dims}, but the file has {len(body)} bytes of data")
-    return np.frombuffer(body, np.uint8).reshape(dims)
-
+# ---- IDX files (MNIST's own format; read by serving.idx) ----
 
 def labels_beside(path: Path) -> Path | None:
     """The IDX label file that goes with an image file: t10k-images-idx3-ubyte ->
@@ -150,18 +122,15 @@ def labels_beside(path: Path) -> Path | None:
 
 def _idx(path: Path, given: str) -> Iterator[Entry]:
     try:
-        images = _read_idx(path, IDX_IMAGES_MAGIC, 3)
+        images = idx.read(path, "images")  # checks the 28x28 frame too
     except (OSError, InvalidInput) as e:
         yield Entry(source=given, error=e if isinstance(e, InvalidInput) else InvalidInput(f"cannot read {given}: {e}"))
-        return
-    if images.shape[1:] != (preprocess.SIDE, preprocess.SIDE):
-        yield Entry(source=given, error=InvalidInput(f"{given}: IDX images are {images.shape[1:]}, not 28x28"))
         return
     labels = None
     lp = labels_beside(path)
     if lp is not None:
         try:
-            labels = _read_idx(lp, IDX_LABELS_MAGIC, 1)
+            labels = idx.read(lp, "labels")
             if len(labels) != len(images):
                 labels = None  # not this file's labels
         except (OSError, InvalidInput):
@@ -172,7 +141,7 @@ def _idx(path: Path, given: str) -> Iterator[Entry]:
 
 # ---- batches of images for the client ----
 
-def batches(stream: Iterable[Entry], size: int, decode: bool, max_pixels: int = preprocess.MAX_PIXELS
+def batches(stream: Iterable[Entry], size: int, decode: bool, max_pixels: int = MAX_PIXELS
             ) -> Iterator[tuple[list[Entry], list]]:
     """Entries -> (entries, items) batches.  An item is MNIST-format pixels (IDX images, and
     files when `decode`: the photo pipeline runs here, in the client), a file's bytes (when
@@ -188,27 +157,20 @@ def batches(stream: Iterable[Entry], size: int, decode: bool, max_pixels: int = 
 
 
 def _items(batch: list[Entry], decode: bool, max_pixels: int) -> list:
-    items: list = [None] * len(batch)
-    to_decode: list[int] = []
-    blobs: list[bytes] = []
-    for i, e in enumerate(batch):
+    """Each entry's item: its error, its pixels, or its file's bytes (read here); when `decode`,
+    the lot goes through preprocess.decode_many, which turns files into pixels."""
+    items: list = []
+    for e in batch:
         if e.error is not None:
-            items[i] = e.error
+            items.append(e.error)
         elif e.pixels is not None:
-            items[i] = e.pixels
+            items.append(e.pixels)
         else:
             try:
-                data = e.path.read_bytes()
+                items.append(e.path.read_bytes())
             except OSError as err:
-                items[i] = InvalidInput(f"cannot read {e.source}: {err.strerror or err}")
-                continue
-            if decode:
-                to_decode.append(i)
-                blobs.append(data)
-            else:
-                items[i] = data
-    if to_decode:
-        pixels, errors = preprocess.decode_many(blobs, max_pixels)
-        for k, i in enumerate(to_decode):
-            items[i] = errors[k] if errors[k] is not None else pixels[k]
-    return items
+                items.append(InvalidInput(f"cannot read {e.source}: {err.strerror or err}"))
+    if not decode:
+        return items
+    pixels, errors = preprocess.decode_many(items, max_pixels)
+    return [pixels[i] if err is None else err for i, err in enumerate(errors)]
