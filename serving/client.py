@@ -5,7 +5,7 @@
             print(p.digit, p.probability)
 
 Like tritonclient: a context manager, a deadline on every call, and every grpc.RpcError turned
-into one exception, `ClientError`, which carries the status code.  UNAVAILABLE (a server
+into one exception, `ClientError`, which carries the status code by name ("UNAVAILABLE").  UNAVAILABLE (a server
 restarting, a dropped connection) is retried with backoff until `timeout` seconds have passed
 without an answer, and so, in a stream, is a request refused whole because the server is busy
 (RESOURCE_EXHAUSTED: its queue is full); nothing else is retried.
@@ -13,7 +13,8 @@ without an answer, and so, in a stream, is a request refused whole because the s
 An image is encoded file bytes (PNG, JPEG, ...; the server decodes it) or a uint8 [28, 28]
 array already in MNIST format (see `serving.preprocess`); in a stream an item may also be an
 Exception, which comes back as that item's error, in its place.  `LocalClassifier` has the same
-methods and runs `serving.preprocess` and onnxruntime in this process.
+interface (`serving.classifier.Classifier`) and runs `serving.preprocess` and onnxruntime in
+this process.
 """
 from __future__ import annotations
 
@@ -28,19 +29,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.network3.v1 import classifier_pb2 as pb
 from protos.network3.v1 import classifier_pb2_grpc as pb_grpc
 
-from . import preprocess
+from .classifier import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, Classifier
+from .contract import MAX_MESSAGE_BYTES, SIDE
 from .local import LocalClassifier
-from .predictions import ClientError, Item, Prediction, _failed, _from_proto, _image
+from .predictions import ClientError, Item, Prediction, _failed
 from .stream import END, Backoff, Feed, Stream
+from .wire import client_error, from_proto, image
 
-__all__ = ["Client", "ClientError", "LocalClassifier", "Prediction", "DEFAULT_ADDRESS", "DEFAULT_TIMEOUT"]
-
-DEFAULT_ADDRESS = "127.0.0.1:50051"
-DEFAULT_TIMEOUT = 10.0
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+__all__ = ["Classifier", "Client", "ClientError", "LocalClassifier", "Prediction", "DEFAULT_ADDRESS",
+           "DEFAULT_TIMEOUT"]
 
 
-class Client:
+class Client(Classifier):
     """A network3.v1.DigitClassifier client.  Thread-safe for unary calls; one stream at a time
     per thread."""
 
@@ -72,13 +72,7 @@ class Client:
         self._stub = pb_grpc.DigitClassifierStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    # -- lifecycle --------------------------------------------------------------------------
-
-    def __enter__(self) -> "Client":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    # -- lifecycle (a context manager: Classifier's __enter__ and __exit__) -------------------
 
     def close(self) -> None:
         self._channel.close()
@@ -98,7 +92,7 @@ class Client:
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.UNAVAILABLE and backoff.wait(end):
                     continue
-                raise ClientError.from_rpc(e, self.address) from None
+                raise client_error(e, self.address) from None
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """The server's health status name: "SERVING", "NOT_SERVING", ... (grpc.health.v1)."""
@@ -125,16 +119,16 @@ class Client:
         call: a ClientError (INVALID_ARGUMENT naming the image).  For per-image errors and big
         jobs use classify_stream."""
         if isinstance(images, np.ndarray):
-            images = list(images.reshape(-1, preprocess.SIDE, preprocess.SIDE))
+            images = list(images.reshape(-1, SIDE, SIDE))
         out: list[Prediction] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             names = ids[start:start + batch_size] if ids is not None else [""] * len(chunk)
-            req = pb.ClassifyRequest(images=[_image(im, i) for im, i in zip(chunk, names)])
+            req = pb.ClassifyRequest(images=[image(im, i) for im, i in zip(chunk, names)])
             if top_k:
                 req.top_k = top_k
             resp = self._call(self._stub.Classify, req)
-            out += [_from_proto(p) for p in resp.predictions]
+            out += [from_proto(p) for p in resp.predictions]
         return out
 
     # -- streaming --------------------------------------------------------------------------

@@ -1,19 +1,21 @@
-"""The in-process backend (`network3 classify --local model.onnx`): the same preprocessing
-and onnxruntime in this process, with the methods of serving.client.Client."""
+"""The in-process backend (`network3 classify --local model.onnx`): the same preprocessing and
+onnxruntime in this process, behind the same interface as serving.client.Client
+(serving.classifier.Classifier).  No gRPC: a local job never loads it."""
 from __future__ import annotations
 
 import collections
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import grpc
 import numpy as np
 
 from . import preprocess
+from .classifier import Classifier
+from .contract import CLASSES, MODEL_NAME, MODEL_VERSION, SIDE
 from .predictions import ClientError, Item, Prediction, _batches, _failed
 
 
-class LocalClassifier:
+class LocalClassifier(Classifier):
     """The same answers with no server: `serving.preprocess` and onnxruntime in this process."""
 
     def __init__(self, model_path: str | Path, *, intra_op_threads: int = 0):
@@ -21,12 +23,6 @@ class LocalClassifier:
         self.model = load_model(model_path, ModelOptions(intra_op_threads=intra_op_threads,
                                                          warmup_batch_sizes=(1, 64)))
         self.address = f"local:{model_path}"
-
-    def __enter__(self) -> "LocalClassifier":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def close(self) -> None:
         pass
@@ -36,34 +32,31 @@ class LocalClassifier:
 
     def info(self, timeout: float | None = None) -> dict:
         d = self.model.describe()
-        return {"name": "network3", "version": "1", "sha256": d["sha256"], "loaded_at": d["loaded_at"],
+        return {"name": MODEL_NAME, "version": MODEL_VERSION, "sha256": d["sha256"], "loaded_at": d["loaded_at"],
                 "labels": d["labels"], "providers": d["providers"], "path": d["path"], "limits": {},
                 "metadata": d["metadata"]}
 
-    def _predict(self, items: list[Item], top_k: int | None) -> list[Prediction]:
-        good = [i for i, it in enumerate(items) if not isinstance(it, BaseException)]
-        pixels = np.zeros((len(good), preprocess.SIDE, preprocess.SIDE), np.uint8)
-        failed: dict[int, BaseException] = {}
-        encoded = [k for k, i in enumerate(good) if isinstance(items[i], (bytes, bytearray, memoryview))]
-        for k, i in enumerate(good):
-            if k not in encoded:
-                pixels[k] = np.asarray(items[i], np.uint8).reshape(preprocess.SIDE, preprocess.SIDE)
-        if encoded:
-            decoded, errors = preprocess.decode_many([items[good[k]] for k in encoded])
-            pixels[encoded] = decoded
-            failed = {good[k]: e for k, e in zip(encoded, errors) if e is not None}
-        probs = self.model.predict(preprocess.pixels_to_input(pixels))[1] if len(good) else np.zeros((0, 10))
-        return _rows(items, good, probs, self.model.labels, top_k, failed)
+    def _predict(self, items: list[Item], top_k: int | None, ids=None) -> list[Prediction]:
+        pixels, errors = preprocess.decode_many(items)
+        good = [i for i, e in enumerate(errors) if e is None]
+        probs = self.model.predict(preprocess.pixels_to_input(pixels[good]))[1] if good else np.zeros((0, CLASSES))
+        out = _rows(probs, self.model.labels, top_k)
+        rows = iter(out)
+        answers = [next(rows) if e is None else _failed(e) for e in errors]
+        for p, id in zip(answers, ids or ()):
+            p.id = id
+        return answers
 
     def classify(self, images, *, top_k: int | None = None, ids=None, batch_size: int = 256) -> list[Prediction]:
         if isinstance(images, np.ndarray):
-            images = list(images.reshape(-1, preprocess.SIDE, preprocess.SIDE))
+            images = list(images.reshape(-1, SIDE, SIDE))
         out: list[Prediction] = []
         for start in range(0, len(images), batch_size):
-            out += self._predict(list(images[start:start + batch_size]), top_k)
-        for p in out:
-            if p.error is not None:
-                raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, p.error, self.address)
+            out += self._predict(list(images[start:start + batch_size]), top_k,
+                                 ids[start:start + batch_size] if ids is not None else None)
+        for i, p in enumerate(out):
+            if p.error is not None:  # as the server fails a unary call, naming the image
+                raise ClientError("INVALID_ARGUMENT", f"images[{i}]: {p.error}", self.address)
         return out
 
     def classify_stream(self, images: Iterable[Item], *, batch_size: int = 64, window: int = 2,
@@ -82,19 +75,13 @@ class LocalClassifier:
                 yield from pending.popleft().result()
 
 
-def _rows(items, good, probs, labels, top_k, failed) -> list[Prediction]:
+def _rows(probs: np.ndarray, labels, top_k: int | None) -> list[Prediction]:
+    """Probabilities [N, 10] -> one Prediction per row, with the top k when asked."""
+    from .model import top_k as best  # loaded already: the model is
+
     digits = probs.argmax(1).tolist() if len(probs) else []
     rows = probs.tolist()
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k].tolist() if top_k and len(probs) else None
-    out: list[Prediction] = [None] * len(items)  # type: ignore[list-item]
-    for k, i in enumerate(good):
-        if i in failed:
-            out[i] = _failed(failed[i])
-            continue
-        d, row = digits[k], rows[k]
-        out[i] = Prediction(digit=d, probability=row[d], probabilities=row, label=labels[d],
-                            top_k=[(j, row[j]) for j in order[k]] if order else [])
-    for i, it in enumerate(items):
-        if isinstance(it, BaseException):
-            out[i] = _failed(it)
-    return out
+    best_k = best(probs, top_k)[0].tolist() if top_k and len(probs) else None
+    return [Prediction(digit=d, probability=row[d], probabilities=row, label=labels[d],
+                       top_k=[(j, row[j]) for j in best_k[k]] if best_k else [])
+            for k, (d, row) in enumerate(zip(digits, rows))]

@@ -17,8 +17,9 @@ import grpc
 
 from protos.network3.v1 import classifier_pb2 as pb
 
+from . import wire
 from .errors import Overloaded
-from .predictions import ClientError, Item, Prediction, _code_name, _flat, _from_proto, _image
+from .predictions import ClientError, Item, Prediction, _flat
 
 
 END = object()  # next_token(): every item has been answered
@@ -51,17 +52,17 @@ class Stream:
                 resp = next(self._call)
             except StopIteration:
                 self._feed.raise_source_error()
-                raise ClientError(grpc.StatusCode.INTERNAL, "the server ended the stream early", self.address) from None
+                raise ClientError("INTERNAL", "the server ended the stream early", self.address) from None
             except grpc.RpcError as e:
                 self._feed.raise_source_error()
                 if self._watchdog.fired:
-                    raise ClientError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                    raise ClientError("DEADLINE_EXCEEDED",
                                       f"no answer from the server in {self.timeout:g}s", self.address) from None
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise ClientError.from_rpc(e, self.address) from None
+                    raise wire.client_error(e, self.address) from None
                 self._retry_end = self._retry_end or time.monotonic() + self.timeout
                 if not self._backoff.wait(self._retry_end):
-                    raise ClientError.from_rpc(e, self.address) from None
+                    raise wire.client_error(e, self.address) from None
                 self._watchdog.stop()
                 self._feed.rewind()  # the unanswered requests go first on the next stream
                 self._open()
@@ -81,12 +82,12 @@ class Stream:
             self._retry_end = None
             n = len(self._feed.answered().images)
             if resp.HasField("error"):
-                failure = Prediction(error=resp.error.message, code=_code_name(resp.error.code))
+                failure = Prediction(error=resp.error.message, code=wire.code_name(resp.error.code))
                 return iter([failure] * n)
             if len(resp.predictions) != n:
-                raise ClientError(grpc.StatusCode.INTERNAL,
+                raise ClientError("INTERNAL",
                                   f"the server answered {len(resp.predictions)} predictions for {n} images", self.address)
-            return map(_from_proto, resp.predictions)
+            return map(wire.from_proto, resp.predictions)
 
     def close(self) -> None:
         self._watchdog.stop()
@@ -173,7 +174,7 @@ class Feed:
                             tokens.append(item)
                             continue
                         try:
-                            image = _image(item)
+                            image = wire.image(item)
                         except ValueError as e:
                             tokens.append(e)
                             continue

@@ -2,6 +2,7 @@
 the bounded stream window, retries across a server restart, and the local backend."""
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 
@@ -11,6 +12,7 @@ import pytest
 
 from fixtures_client import free_port
 from fixtures_serving import png, thread_server
+from serving.classifier import Classifier
 from serving.client import Client, ClientError, LocalClassifier
 
 
@@ -32,7 +34,7 @@ def test_a_bad_image_fails_a_unary_call_with_its_code(server, mnist):
     with Client(server.address) as c:
         with pytest.raises(ClientError) as e:
             c.classify([png(mnist.test_x[0]), b"not an image"])
-    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and not e.value.unreachable
+    assert e.value.code == "INVALID_ARGUMENT" and not e.value.unreachable
     assert "images[1]" in e.value.details
 
 
@@ -88,7 +90,7 @@ def test_unreachable_server_is_one_error(mnist):
                      lambda: list(c.classify_stream(mnist.test_x[:10]))):
             with pytest.raises(ClientError) as e:
                 call()
-            assert e.value.code == grpc.StatusCode.UNAVAILABLE and e.value.unreachable
+            assert e.value.code == "UNAVAILABLE" and e.value.unreachable
 
 
 def test_every_call_has_a_deadline(mnist):
@@ -117,10 +119,10 @@ def test_every_call_has_a_deadline(mnist):
         with Client(f"127.0.0.1:{port}", timeout=0.5) as c:
             with pytest.raises(ClientError) as e:
                 c.info()
-            assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert e.value.code == "DEADLINE_EXCEEDED" and e.value.unreachable
             with pytest.raises(ClientError) as e:
                 list(c.classify_stream(mnist.test_x[:10]))
-            assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and e.value.unreachable
+            assert e.value.code == "DEADLINE_EXCEEDED" and e.value.unreachable
     finally:
         release.set()
         srv.stop(0)
@@ -132,10 +134,11 @@ def test_token(onnx_model, tmp_path, mnist):
         with Client(s.address) as c:
             with pytest.raises(ClientError) as e:
                 c.classify(mnist.test_x[:1])
-            assert e.value.code == grpc.StatusCode.UNAUTHENTICATED and e.value.unreachable
+            assert e.value.code == "UNAUTHENTICATED" and e.value.unreachable
         with Client(s.address, token="wrong") as c:
-            with pytest.raises(ClientError):
+            with pytest.raises(ClientError) as e:
                 list(c.classify_stream(mnist.test_x[:3]))
+            assert e.value.code == "UNAUTHENTICATED"
         with Client(s.address, token="s3cret") as c:
             assert len(list(c.classify_stream(mnist.test_x[:3]))) == 3
 
@@ -177,7 +180,35 @@ def test_a_server_gone_for_good_ends_the_stream_as_unreachable(process_server, m
     assert e.value.unreachable
 
 
-def test_local_backend_matches_the_server(server, onnx_model, mnist):
+def test_client_and_local_share_one_interface(server, onnx_model):
+    """One typed interface: the same methods with the same parameters, usable as context managers."""
+    for cls in (Client, LocalClassifier):
+        assert Classifier in cls.__mro__  # explicitly: it shares __enter__ and __exit__
+        for name in ("health", "info", "classify", "classify_stream"):
+            mine, theirs = inspect.signature(getattr(cls, name)), inspect.signature(getattr(Classifier, name))
+            assert [(q.name, q.kind) for q in mine.parameters.values()] == \
+                   [(q.name, q.kind) for q in theirs.parameters.values()], (cls, name)
+    with Client(server.address) as remote, LocalClassifier(onnx_model) as local:
+        assert isinstance(remote, Classifier) and isinstance(local, Classifier)
+        assert remote.health() == local.health() == "SERVING"
+        assert {k: remote.info()[k] for k in ("name", "version", "sha256", "labels")} == \
+               {k: local.info()[k] for k in ("name", "version", "sha256", "labels")}
+
+
+def test_unary_calls_fail_and_name_images_alike(server, onnx_model, mnist, predict):
+    """A bad image fails a unary call with INVALID_ARGUMENT naming it, on the server and locally;
+    ids come back with their predictions."""
+    for backend in (Client(server.address), LocalClassifier(onnx_model)):
+        with backend:
+            out = backend.classify(mnist.test_x[:3], ids=["a", "b", "c"])
+            with pytest.raises(ClientError) as e:
+                backend.classify([png(mnist.test_x[0]), b"not an image"])
+        assert [p.id for p in out] == ["a", "b", "c"]
+        assert [p.digit for p in out] == predict(mnist.test_x[:3]).tolist()
+        assert e.value.code == "INVALID_ARGUMENT" and "images[1]" in e.value.details and not e.value.unreachable
+
+
+def test_local_backend_matches_the_server(server, onnx_model, mnist, predict):
     items = [png(a) for a in mnist.test_x[:150]] + [b"junk"] + list(mnist.test_x[150:300])
     with Client(server.address) as c:
         remote = list(c.classify_stream(items, batch_size=64, top_k=2))
@@ -185,11 +216,12 @@ def test_local_backend_matches_the_server(server, onnx_model, mnist):
     with LocalClassifier(onnx_model) as local:
         mine = list(local.classify_stream(items, batch_size=64, top_k=2))
         assert local.health() == "SERVING" and local.info()["sha256"] == served
-    assert [p.digit for p in mine] == [p.digit for p in remote]
-    assert mine[150].error and remote[150].error
     ok = [i for i in range(len(items)) if i != 150]
+    assert [mine[i].digit for i in ok] == [remote[i].digit for i in ok] == predict(mnist.test_x[:300]).tolist()
+    assert mine[150].error and remote[150].error and mine[150].code == remote[150].code == "INVALID_ARGUMENT"
     assert np.allclose([mine[i].probabilities for i in ok], [remote[i].probabilities for i in ok], atol=1e-5)
-    assert [mine[0].top_k[0][0], mine[0].top_k[1][0]] == [remote[0].top_k[0][0], remote[0].top_k[1][0]]
+    assert [[d for d, _ in mine[i].top_k] for i in ok] == [[d for d, _ in remote[i].top_k] for i in ok]
+    assert all(p.top_k[0][0] == p.digit and len(p.top_k) == 2 for p in (mine[i] for i in ok))
 
 
 
