@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -51,12 +53,23 @@ def png_files(mnist, folder: Path, n: int, start: int = 0) -> list[Path]:
     (["classify", "x", "--batch-size", "0"], "Invalid value for '--batch-size'"),
     (["classify", "-", "-"], "once"),
     (["health", "--timeout", "0"], "Invalid value for '--timeout'"),
+    (["info", "--server", ""], "Invalid value for '--server'"),
+    (["health", "--server", "local host:1"], "Invalid value for '--server'"),
     (["nonsense"], "No such command"),
 ])
 def test_usage_errors_exit_2(args, message, tmp_path):
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 2, r.output
     assert message in r.output and "Traceback" not in r.output
+
+
+def test_bad_option_values_from_the_environment_and_files(tmp_path):
+    r = CliRunner().invoke(cli, ["health"], env={"NETWORK3_TIMEOUT": "0"})
+    assert r.exit_code == 2 and "Invalid value for '--timeout'" in r.output
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    r = CliRunner().invoke(cli, ["info"], env={"NETWORK3_TOKEN_FILE": str(empty)})
+    assert r.exit_code == 2 and "Invalid value for '--token-file'" in r.output and "is empty" in r.output
 
 
 def test_tls_cert_needs_its_key(tmp_path, sample_dir):
@@ -99,7 +112,7 @@ def test_csv_and_table_formats(server, sample_dir):
     r = run("classify", sample_dir / "7", "--server", server.address, "--format", "csv", "--top-k", "3")
     assert r.exit_code == 0
     rows = list(csv.DictReader(io.StringIO(r.stdout)))
-    assert rows and set(rows[0]) >= {"source", "digit", "confidence", "label", "error", "p0", "p9", "top_k"}
+    assert len(rows) == len(list((sample_dir / "7").iterdir())) and set(rows[0]) >= {"source", "digit", "confidence", "label", "error", "p0", "p9", "top_k"}
     assert all(row["label"] == "7" for row in rows) and len(rows[0]["top_k"].split()) == 3
     r = run("classify", sample_dir / "1", "--server", server.address, "--format", "table")
     assert r.exit_code == 0
@@ -113,9 +126,10 @@ def test_files_globs_and_stdin_keep_input_order(server, sample_dir):
     files = sorted(sample_dir.glob("*/*.png"))
     picked = [files[5], files[0], files[200]]
     r = run("classify", *picked, "--server", server.address)
-    assert [d["source"] for d in jsonl(r.stdout)] == [str(p) for p in picked]
+    assert r.exit_code == 0 and [d["source"] for d in jsonl(r.stdout)] == [str(p) for p in picked]
     r = run("classify", str(sample_dir / "[12]" / "*.png"), "--server", server.address)
-    assert {Path(d["source"]).parent.name for d in jsonl(r.stdout)} == {"1", "2"}
+    assert r.exit_code == 0
+    assert [d["source"] for d in jsonl(r.stdout)] == [str(p) for p in files if p.parent.name in "12"]
     stdin = "\n".join(str(p) for p in files[:40]) + "\n\n"
     r = run("classify", "-", "--server", server.address, input=stdin)
     assert r.exit_code == 0 and [d["source"] for d in jsonl(r.stdout)] == [str(p) for p in files[:40]]
@@ -123,8 +137,13 @@ def test_files_globs_and_stdin_keep_input_order(server, sample_dir):
 
 def test_top_k(server, sample_dir):
     r = run("classify", sample_dir / "3", "--server", server.address, "--top-k", "2")
-    d = jsonl(r.stdout)[0]
-    assert [t["digit"] for t in d["top_k"]][0] == d["digit"] and len(d["top_k"]) == 2
+    rows = jsonl(r.stdout)
+    assert r.exit_code == 0 and len(rows) == len(list((sample_dir / "3").iterdir()))
+    for d in rows:  # the two most probable digits, most probable first (printed to 6 places)
+        (first, p1), (second, p2) = [(t["digit"], t["confidence"]) for t in d["top_k"]]
+        assert first == d["digit"] and first != second and p1 >= p2
+        assert abs(d["probabilities"][first] - p1) < 1e-6 and abs(d["probabilities"][second] - p2) < 1e-6
+        assert all(v <= p2 + 1e-6 for k, v in enumerate(d["probabilities"]) if k not in (first, second))
 
 
 def test_idx_test_set_gives_the_models_test_accuracy(server, idx_dir, mnist, predict):
@@ -155,10 +174,12 @@ def test_local_matches_the_server(server, onnx_model, sample_dir, tmp_path, mnis
             assert np.allclose(a["probabilities"], b["probabilities"], atol=1e-5)
 
 
-def test_decoding_on_the_server_gives_the_same_answers(server, sample_dir):
+def test_decoding_on_the_server_gives_the_same_answers(server, sample_dir, mnist, predict):
     mine = jsonl(run("classify", sample_dir, "--server", server.address).stdout)
     theirs = jsonl(run("classify", sample_dir, "--server", server.address, "--decode", "server").stdout)
-    assert [d["digit"] for d in mine] == [d["digit"] for d in theirs]
+    want = {f"{i:04d}": int(d) for i, d in enumerate(predict(mnist.test_x[:300]))}
+    assert len(mine) == 300 and [d["digit"] for d in mine] == [d["digit"] for d in theirs]
+    assert [d["digit"] for d in mine] == [want[Path(d["source"]).stem] for d in mine]
 
 
 def test_a_corrupt_file_among_good_ones_exits_1(server, mnist, tmp_path):
@@ -185,9 +206,9 @@ def test_output_file_is_written_whole_or_not_at_all(server, sample_dir, tmp_path
     assert r.exit_code == 0 and len(jsonl(out.read_text())) == 300 and list(tmp_path.iterdir()) == [out]
 
 
-def test_server_from_the_environment(server, sample_dir):
-    r = run("classify", sample_dir / "0", env={"NETWORK3_SERVER": server.address})
-    assert r.exit_code == 0 and jsonl(r.stdout)
+def test_server_and_timeout_from_the_environment(server, sample_dir):
+    r = run("classify", sample_dir / "0", env={"NETWORK3_SERVER": server.address, "NETWORK3_TIMEOUT": "5"})
+    assert r.exit_code == 0 and len(jsonl(r.stdout)) == len(list((sample_dir / "0").iterdir()))
 
 
 # ---- health and info ----
@@ -213,8 +234,12 @@ def test_token_from_a_file(onnx_model, tmp_path, sample_dir):
         r = run("classify", sample_dir / "4", "--server", s.address)
         assert r.exit_code == 3 and "refused our credentials" in r.output
         r = run("classify", sample_dir / "4", "--server", s.address, "--token-file", token)
-        assert r.exit_code == 0 and jsonl(r.stdout)
+        assert r.exit_code == 0 and len(jsonl(r.stdout)) == len(list((sample_dir / "4").iterdir()))
         assert run("info", "--server", s.address, "--token-file", token).exit_code == 0
+        r = run("info", "--server", s.address, "--json", env={"NETWORK3_TOKEN_FILE": str(token)})
+        assert r.exit_code == 0 and json.loads(r.output)["name"] == "network3"
+        r = run("info", "--server", s.address)
+        assert r.exit_code == 3 and "refused our credentials" in r.output
 
 
 # ---- the real console script: exit 3, one line, no traceback ----
@@ -234,7 +259,8 @@ def test_missing_server_exits_3_with_one_line(sample_dir):
 
 
 def test_server_lost_mid_job_exits_3_even_with_failed_images(process_server, mnist, tmp_path):
-    """3 wins over 1: a corrupt file early, then the server goes away for good."""
+    """3 wins over 1: a corrupt file early, then the server goes away for good.  A job started
+    after it went ends with the same code and the same words."""
     files = png_files(mnist, tmp_path / "imgs", 3000)
     files[2].write_bytes(b"junk")
     s = process_server("--no-access-log")
@@ -261,15 +287,47 @@ def test_server_lost_mid_job_exits_3_even_with_failed_images(process_server, mni
     writer.join(10)
     assert proc.returncode == 3, err
     assert "Traceback" not in err and "cannot reach the server" in err.strip().splitlines()[-1]
+    start = network3("classify", files[0], "--server", s.address, "--timeout", "2")
+    assert start.returncode == proc.returncode, start.stderr
+    mid_line, start_line = err.strip().splitlines()[-1], start.stderr.strip().splitlines()[-1]
+    assert mid_line.split(" (")[0] == start_line.split(" (")[0] == f"Error: cannot reach the server at {s.address}"
 
 
-def test_progress_only_on_a_terminal(server, sample_dir):
+def test_no_progress_line_into_a_pipe(server, sample_dir, monkeypatch):
+    from serving import output
+
+    monkeypatch.setattr(output.Progress, "DELAY", 0.0)  # would show from the first image if enabled
     r = run("classify", sample_dir, "--server", server.address)
-    assert "\r" not in r.stderr  # a pipe gets no progress bar
-    r = run("classify", sample_dir, "--server", server.address, "--progress")
-    assert r.exit_code == 0  # forced on: still a clean run (the bar appears after a second)
+    assert r.exit_code == 0 and "\r" not in r.stderr and "\x1b" not in r.stderr
 
 
+def test_forced_progress_line_shows_counts_and_rate_then_clears(server, sample_dir, tmp_path, monkeypatch):
+    """--progress on a job under a fake clock (each reading 1/8 s after the last): nothing for the
+    first second, then one self-rewriting line per answer with the count, the rate and the
+    failures so far, blanked at the end before the summary."""
+    from serving import output
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(output, "time", SimpleNamespace(monotonic=lambda: next(ticks) / 8))
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k, f in enumerate(sorted(sample_dir.glob("*/*.png"))[:40]):
+        (folder / f"{k:04d}.png").write_bytes(f.read_bytes())
+    (folder / "0020.png").write_bytes(b"not a png")  # the 21st file fails
+    r = run("classify", folder, "--server", server.address, "--progress")
+    assert r.exit_code == 1, r.output
+    progress, _, rest = r.stderr.rpartition("\r\x1b[K")  # the line is cleared ...
+    assert rest.startswith("network3: 1 of 40 images")  # ... before anything else is written
+    lines = progress.split("\x1b[K")
+    assert lines[-1] == ""
+    shown = [re.fullmatch(r"\r([\d,]+) images  ([\d,]+)/s(?:  ([\d,]+) failed)?", line) for line in lines[:-1]]
+    assert all(shown), lines[:3]
+    counts = [int(m.group(1)) for m in shown]
+    # The clock reads 0 at the start and k/8 s at the k-th answer: first shown at one second,
+    # then at every answer (1/8 s apart, more than the 0.1 s between redraws).
+    assert counts == list(range(8, 41))
+    assert {int(m.group(2)) for m in shown} == {8}  # images per second of the fake clock
+    assert [m.group(3) for m in shown] == [None] * 13 + ["1"] * 20  # the 21st image failed
 
 
 def test_tls_options(onnx_model, pki, sample_dir):  # noqa: F811
@@ -279,7 +337,7 @@ def test_tls_options(onnx_model, pki, sample_dir):  # noqa: F811
                        tls_client_ca=pki / "ca.crt") as s:
         tls = ["--tls-ca", pki / "ca.crt", "--tls-cert", pki / "client.crt", "--tls-key", pki / "client.key"]
         r = run("classify", sample_dir / "2", "--server", s.address, *tls)
-        assert r.exit_code == 0 and jsonl(r.stdout)
+        assert r.exit_code == 0 and len(jsonl(r.stdout)) == len(list((sample_dir / "2").iterdir()))
         assert run("health", "--server", s.address, *tls).exit_code == 0
         r = run("classify", sample_dir / "2", "--server", s.address, "--tls-ca", pki / "ca.crt", "--timeout", "1")
         assert r.exit_code == 3 and "Traceback" not in r.output
@@ -289,3 +347,83 @@ def test_an_empty_folder_says_so(server, tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     r = run("classify", tmp_path, "--server", server.address)
     assert r.exit_code == 0 and r.stdout == "" and "no images found" in r.stderr
+
+
+# ---- one exit code per failure, wherever it happens ----
+
+class Failing:
+    """A backend whose calls fail with `code`: at the start of a job (info), in the middle of one
+    (after three answers), in health or in info."""
+
+    def __init__(self, code: str, where: str):
+        self.code, self.where, self.address = code, where, "fake:1"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        pass
+
+    def fail(self):
+        from serving.classifier import ClientError
+        return ClientError(self.code, "boom", self.address)
+
+    def health(self, service="", timeout=None):
+        raise self.fail()
+
+    def info(self, timeout=None):
+        if self.where != "mid-job":
+            raise self.fail()
+        return {"limits": {}}
+
+    def classify_stream(self, images, *, batch_size=64, window=8, top_k=None, max_request_bytes=None):
+        from serving.classifier import Prediction
+        for i, _ in enumerate(images):
+            if i == 3:
+                raise self.fail()
+            yield Prediction(digit=1, probability=1.0, probabilities=[0.0, 1.0] + [0.0] * 8, label="1")
+
+
+@pytest.mark.parametrize("code", ["UNAVAILABLE", "DEADLINE_EXCEEDED", "UNAUTHENTICATED", "PERMISSION_DENIED",
+                                  "INTERNAL", "RESOURCE_EXHAUSTED", "NOT_FOUND", "INVALID_ARGUMENT"])
+def test_a_failed_call_exits_alike_wherever_it_happens(code, sample_dir, monkeypatch):
+    from serving import cli as cli_module
+
+    seen = {}
+    for where, args in (("start", ["classify", sample_dir / "1"]), ("mid-job", ["classify", sample_dir / "1"]),
+                        ("health", ["health"]), ("info", ["info"])):
+        monkeypatch.setattr(cli_module.Connection, "client", lambda self, w=where: Failing(code, w))
+        r = CliRunner().invoke(cli, [str(a) for a in args] + ["--server", "fake:1"])
+        assert not isinstance(r.exception, Exception), r.output  # an exit, never a traceback
+        seen[where] = (r.exit_code, r.stderr.strip().splitlines()[-1])
+    assert {c for c, _ in seen.values()} == {3}, seen
+    assert all(line.startswith("Error: ") and line.endswith(f"at fake:1 ({code}: boom)")
+               for _, line in seen.values()), seen
+    assert len({line for _, line in seen.values()}) == 1  # the same words for the same failure
+
+
+# ---- --local runs without gRPC ----
+
+NO_GRPC = """
+import sys
+from click.testing import CliRunner
+from serving.cli import cli
+r = CliRunner().invoke(cli, ["classify", *sys.argv[1:]])
+print(r.exit_code, len(r.stdout.splitlines()))
+print(sorted({m.split(".")[0] for m in sys.modules} & {"grpc", "grpc_health", "protos"}))
+"""
+
+
+def test_local_never_imports_grpc(onnx_model, sample_dir):
+    n = len(list((sample_dir / "5").iterdir()))
+    p = subprocess.run([sys.executable, "-c", NO_GRPC, "--local", str(onnx_model), str(sample_dir / "5")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.splitlines() == [f"0 {n}", "[]"]
+    # The check can fail: a job against a server (here, none listening) does load grpc.
+    p = subprocess.run([sys.executable, "-c", NO_GRPC, "--server", f"127.0.0.1:{free_port()}", "--timeout", "1",
+                        str(sample_dir / "5")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.stdout.splitlines() == ["3 0", "['grpc', 'grpc_health', 'protos']"], p.stderr[-2000:]
