@@ -66,7 +66,7 @@ bench: bench-train bench-export bench-serve bench-client bench-preprocess ## eve
 # after an interruption (hours on a CPU; BOOK_ARGS="--workers 6" on a GPU box, DEVICE=cuda).
 # BOOK_BATCH=10: the book's own mini-batch and eta, into runs/book10/ (on this CPU 1.0-1.6x
 # the time of batch 100, 1.6-1.9x with dropout; closer to the book's figures except for dropout:
-# see README).
+# see docs/results.md).
 BOOK_BATCH ?= 100
 book: install ## the book's table: every nielsen-* preset x 3 seeds, resumable (hours on a CPU)
 	$(PY) benchmarks/book.py run --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE)) --batch-size $(BOOK_BATCH) $(BOOK_ARGS)
@@ -143,7 +143,7 @@ bench-client: install ## 10,000 PNG files through the server and with --local
 	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
 	$(PY) benchmarks/bench_client.py --model $(MODEL) $(BENCH_CLIENT_ARGS)
 
-# How the photo pipeline fares on digits that never came from MNIST (README table).
+# How the photo pipeline fares on digits that never came from MNIST (a table in docs/results.md).
 bench-preprocess: install ## the photo pipeline on digits that never came from MNIST
 	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
 	$(PY) benchmarks/preprocess_report.py --model $(MODEL)
