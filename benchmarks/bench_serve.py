@@ -34,6 +34,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from serving.launch import ServerProcess  # noqa: E402
+
+REFERENCE_READY = re.compile(r"^reference serving on (\S+):(\d+)$", re.MULTILINE)
 
 
 @dataclass
@@ -92,42 +95,15 @@ def run_perf(binary, env, address: str, images: int, concurrency: int, interval_
 
 # ---------------------------------------------------------------------------- servers --
 
-class ServerProcess:
-    def __init__(self, argv: list[str], log: Path) -> None:
-        self.log = log
-        self._f = open(log, "wb")
-        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._f)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            m = re.search(r"serving on 127\.0\.0\.1:(\d+)", log.read_text(errors="replace"))
-            if m:
-                self.address = f"127.0.0.1:{m.group(1)}"
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"server did not start:\n{log.read_text(errors='replace')[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._f.close()
-
-
-def server_argv(kind: str, model: Path, threads: int) -> list[str]:
+def start_server(kind: str, model: Path, threads: int, log: Path) -> ServerProcess:
+    """`kind`'s server on a free loopback port, started and waited for (serving.launch)."""
     if kind == "reference":
-        return [sys.executable, str(ROOT / "benchmarks" / "reference_server.py"), "--model", str(model),
-                "--intra-op-threads", str(threads)]
-    argv = [sys.executable, "-m", "serving.server", "--model", str(model), "--port", "0", "--metrics-port", "0",
-            "--intra-op-threads", str(threads)]
+        return ServerProcess(model, "--intra-op-threads", str(threads), log=log, ready=REFERENCE_READY,
+                             command=[sys.executable, str(ROOT / "benchmarks" / "reference_server.py")])
+    args = ["--metrics-port", "0", "--intra-op-threads", str(threads)]
     if kind == "network3 --no-batching":
-        argv.append("--no-batching")
-    return argv
+        args.append("--no-batching")
+    return ServerProcess(model, *args, log=log)
 
 
 # ------------------------------------------------------------------------ ceiling --
@@ -157,6 +133,7 @@ def profile(model_path: Path, threads: int) -> list[tuple[str, float]]:
     """CPU microseconds (this thread) per stage of one 1-image ModelInfer, in-process."""
     from protos.inference import grpc_service_pb2 as pb
     from reference_server import Reference
+    from serving import codec
     from serving.api.common import AccessLog, Serving
     from serving.api.inference import InferenceServicer
     from serving.batcher import DynamicBatcher
@@ -181,9 +158,14 @@ def profile(model_path: Path, threads: int) -> list[tuple[str, float]]:
     request = pb.ModelInferRequest(model_name="network3", inputs=[pb.ModelInferRequest.InferInputTensor(
         name="images", datatype="FP32", shape=[1, 1, 28, 28])], raw_input_contents=[x.tobytes()])
     wire = request.SerializeToString()
-    xin, outs = ours._input(request), ours._outputs(request)
+    limit = serving.limits.max_images_per_request
+    xin, outs = codec.request_input(request, limit), codec.requested_outputs(request)
     logits, probs = model.predict(xin)
-    response = ours._response(request, outs, logits, probs, model)
+
+    def build():
+        return codec.response(request, outs, logits, probs, model.labels, serving.model_name, serving.model_version)
+
+    response = build()
 
     def cpu_us(fn, n=3000) -> float:
         best = float("inf")
@@ -206,10 +188,10 @@ def profile(model_path: Path, threads: int) -> list[tuple[str, float]]:
     async def stages():
         return [
             ("deserialize request (protobuf)", cpu_us(lambda: pb.ModelInferRequest.FromString(wire))),
-            ("check + convert input (numpy)", cpu_us(lambda: ours._input(request))),
+            ("check + convert input (numpy)", cpu_us(lambda: codec.request_input(request, limit))),
             ("onnxruntime run (model.predict)", cpu_us(lambda: model.predict(xin))),
             ("batcher.infer incl. onnxruntime", await acpu_us(lambda: serving.batcher.infer(xin))),
-            ("build response", cpu_us(lambda: ours._response(request, outs, logits, probs, model))),
+            ("build response", cpu_us(build)),
             ("serialize response (protobuf)", cpu_us(lambda: response.SerializeToString())),
             ("whole handler, network3 (+metrics, access log)", await acpu_us(lambda: ours.ModelInfer(request, ctx))),
             ("whole handler, reference", await acpu_us(lambda: ref.ModelInfer(request, ctx))),
@@ -251,7 +233,7 @@ def main() -> None:
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind in servers:
-            server = ServerProcess(server_argv(kind, args.model, args.intra_op_threads), Path(tmp) / "server.log")
+            server = start_server(kind, args.model, args.intra_op_threads, Path(tmp) / "server.log")
             try:
                 for images in sizes:
                     for c in conc:

@@ -18,8 +18,9 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from protos.inference import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 from protos.inference import model_config_pb2 as mc  # noqa: E402
+from serving.contract import CLASSES, INPUT_NAME, INPUT_SHAPE, MODEL_NAME as NAME, MODEL_VERSION, OUTPUT_NAMES  # noqa: E402
 
-NAME = "network3"
+LOGITS, PROBABILITIES = OUTPUT_NAMES
 
 
 class Reference(pb_grpc.GRPCInferenceServiceServicer):
@@ -43,30 +44,28 @@ class Reference(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         T = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(name=NAME, versions=["1"], platform="onnxruntime_onnx",
-                                        inputs=[T(name="images", datatype="FP32", shape=[-1, 1, 28, 28])],
-                                        outputs=[T(name="logits", datatype="FP32", shape=[-1, 10]),
-                                                 T(name="probabilities", datatype="FP32", shape=[-1, 10])])
+        return pb.ModelMetadataResponse(name=NAME, versions=[MODEL_VERSION], platform="onnxruntime_onnx",
+                                        inputs=[T(name=INPUT_NAME, datatype="FP32", shape=[-1, *INPUT_SHAPE])],
+                                        outputs=[T(name=name, datatype="FP32", shape=[-1, CLASSES]) for name in OUTPUT_NAMES])
 
     async def ModelConfig(self, request, context):
         return pb.ModelConfigResponse(config=mc.ModelConfig(
             name=NAME, platform="onnxruntime_onnx", max_batch_size=256,
-            input=[mc.ModelInput(name="images", data_type=mc.TYPE_FP32, dims=[1, 28, 28])],
-            output=[mc.ModelOutput(name="logits", data_type=mc.TYPE_FP32, dims=[10]),
-                    mc.ModelOutput(name="probabilities", data_type=mc.TYPE_FP32, dims=[10])]))
+            input=[mc.ModelInput(name=INPUT_NAME, data_type=mc.TYPE_FP32, dims=list(INPUT_SHAPE))],
+            output=[mc.ModelOutput(name=name, data_type=mc.TYPE_FP32, dims=[CLASSES]) for name in OUTPUT_NAMES]))
 
     async def ModelStatistics(self, request, context):
-        return pb.ModelStatisticsResponse(model_stats=[pb.ModelStatistics(name=NAME, version="1")])
+        return pb.ModelStatisticsResponse(model_stats=[pb.ModelStatistics(name=NAME, version=MODEL_VERSION)])
 
     async def ModelInfer(self, request, context):
         shape = list(request.inputs[0].shape)
         x = np.frombuffer(request.raw_input_contents[0], np.float32).reshape(shape)
-        logits, probs = self.session.run(None, {"images": x})
+        logits, probs = self.session.run(None, {INPUT_NAME: x})
         T = pb.ModelInferResponse.InferOutputTensor
         return pb.ModelInferResponse(
-            model_name=NAME, model_version="1", id=request.id,
-            outputs=[T(name="logits", datatype="FP32", shape=logits.shape),
-                     T(name="probabilities", datatype="FP32", shape=probs.shape)],
+            model_name=NAME, model_version=MODEL_VERSION, id=request.id,
+            outputs=[T(name=LOGITS, datatype="FP32", shape=logits.shape),
+                     T(name=PROBABILITIES, datatype="FP32", shape=probs.shape)],
             raw_output_contents=[logits.tobytes(), probs.tobytes()])
 
 

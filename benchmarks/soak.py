@@ -27,7 +27,6 @@ import json
 import multiprocessing as mp
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from serving.launch import ServerProcess  # noqa: E402
+
 HOST = "127.0.0.1"  # the only address any load goes to
 DEADLINE_S = 30.0  # per call
 
@@ -192,25 +193,11 @@ def overload_worker(address: str, t0: float, seconds: float, concurrency: int, d
 
 # ----------------------------------------------------------------------------- server --
 
-class Server:
+class Server(ServerProcess):
+    """`network3 serve` on loopback with metrics on (serving.launch), and what the soak reads of it."""
+
     def __init__(self, model: str, args: list[str], log: Path) -> None:
-        self.log_path = log
-        self._log = open(log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "serving.server", "--model", model, "--host", HOST,
-                                      "--port", "0", "--metrics-port", "0", "--no-access-log", *args],
-                                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._log)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            text = log.read_text(errors="replace")
-            m, mm = re.search(r"network3 serving on (127\.0\.0\.1:\d+)", text), re.search(r"metrics on :(\d+)", text)
-            if m and mm:
-                self.address, self.metrics_port = m.group(1), int(mm.group(1))
-                return
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited:\n{text}")
-            time.sleep(0.05)
-        self.proc.kill()
-        raise SystemExit("server did not start in 120 s")
+        super().__init__(model, "--host", HOST, "--metrics-port", "0", "--no-access-log", *args, log=log)
 
     def rss_mib(self) -> float:
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -227,15 +214,6 @@ class Server:
                     key = f"{s.labels['method']} {s.labels['code']}"
                     out[key] = out.get(key, 0) + s.value
         return out
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            return self.proc.wait(60)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self._log.close()
 
 
 # ---------------------------------------------------------------------------- analysis --

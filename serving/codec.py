@@ -64,7 +64,11 @@ def input_array(name: str, datatype: str, shape: Sequence[int], data: bytes | Se
                 where: str = "data") -> np.ndarray:
     """One input tensor -> float32 [N, 1, 28, 28] in [0, 1].  `data`: raw little-endian bytes,
     or the values as a flat sequence; `where` names it in messages."""
-    n = check_input(name, datatype, shape, max_images)
+    return _array(check_input(name, datatype, shape, max_images), datatype, shape, data, where)
+
+
+def _array(n: int, datatype: str, shape, data, where: str) -> np.ndarray:
+    """input_array after check_input."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         expected = n * PIXELS * ITEM_BYTES[datatype]
         if len(data) != expected:
@@ -113,7 +117,7 @@ def request_input(request: pb.ModelInferRequest, max_images: int) -> np.ndarray:
             raise InvalidInput(f"inputs: the request has no inputs; the model takes {INPUT_NAME!r}")
         raise InvalidInput(f"inputs: {len(inputs)} inputs {[i.name for i in inputs]}; the model takes one, {INPUT_NAME!r}")
     t = inputs[0]
-    check_input(t.name, t.datatype, t.shape, max_images)
+    n = check_input(t.name, t.datatype, t.shape, max_images)
     raw = request.raw_input_contents
     typed = t.HasField("contents")
     if raw and typed:
@@ -121,10 +125,10 @@ def request_input(request: pb.ModelInferRequest, max_images: int) -> np.ndarray:
     if raw:
         if len(raw) != 1:
             raise InvalidInput(f"raw_input_contents: {len(raw)} entries for 1 input")
-        return input_array(t.name, t.datatype, t.shape, raw[0], max_images, "raw_input_contents")
+        return _array(n, t.datatype, t.shape, raw[0], "raw_input_contents")
     if typed:
         field = "fp32_contents" if t.datatype == "FP32" else "uint_contents"
-        return input_array(t.name, t.datatype, t.shape, getattr(t.contents, field), max_images, f"contents.{field}")
+        return _array(n, t.datatype, t.shape, getattr(t.contents, field), f"contents.{field}")
     raise InvalidInput(f"input {INPUT_NAME!r}: no data (neither raw_input_contents nor contents)")
 
 

@@ -2,26 +2,24 @@
 
 `ThreadServer` runs the real Network3Server on its own event loop in a background thread, so
 a test talks to it over gRPC like any client and can still read its counters.  `ProcessServer`
-starts `python -m serving.server` as a subprocess, for signals (SIGTERM, SIGHUP) and for
-tritonclient, whose generated `inference.*` messages cannot share a process with ours.
+(serving.launch.ServerProcess) starts `python -m serving.server` as a subprocess, for signals
+(SIGTERM, SIGHUP) and for tritonclient, whose generated `inference.*` messages cannot share a
+process with ours.
 """
 from __future__ import annotations
 
 import asyncio
 import datetime
 import io
-import os
-import re
-import subprocess
-import sys
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+
+from serving.launch import ServerProcess as ProcessServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,7 +77,7 @@ def thread_server(model: Path, **kw):
     batcher = BatcherOptions(**kw.pop("batcher", {}))
     limits = Limits(**kw.pop("limits", {}))
     options = ServerOptions(model=Path(model), port=0, batcher=batcher, limits=limits,
-                            model_options=ModelOptions(intra_op_threads=1), access_log=kw.pop("access_log", False), **kw)
+                            model_options=ModelOptions(), access_log=kw.pop("access_log", False), **kw)
     server = ThreadServer(options)
     try:
         yield server
@@ -94,54 +92,6 @@ def server(onnx_model):
                        limits={"max_pixels": 1_000_000, "max_message_bytes": 4 * 1024 * 1024,
                                "max_images_per_request": 256}) as s:
         yield s
-
-
-class ProcessServer:
-    """`python -m serving.server ...` with stderr in a file; the port comes from its first line."""
-
-    def __init__(self, model: Path, *args: str, log: Path, env: dict | None = None, timeout: float = 60) -> None:
-        self.log_path = log
-        self._log = open(log, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.server", "--model", str(model), "--port", "0",
-             "--intra-op-threads", "1", *args],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._log, env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(r"network3 serving on 127\.0\.0\.1:(\d+)", self.log())
-            if m:
-                self.port = int(m.group(1))
-                self.address = f"127.0.0.1:{self.port}"
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"server did not start in {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for_log(self, pattern: str, timeout: float = 30) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern, self.log())
-            if m:
-                return m
-            time.sleep(0.05)
-        raise AssertionError(f"{pattern!r} not in the server log within {timeout}s:\n{self.log()}")
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 30) -> int:
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
 
 
 @pytest.fixture
