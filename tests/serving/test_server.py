@@ -56,7 +56,16 @@ def metrics(port: int) -> dict:
 @pytest.fixture(scope="module")
 def reference(onnx_model):
     """The same file in-process: what the server must answer."""
-    return load_model(onnx_model, ModelOptions(intra_op_threads=1))
+    return load_model(onnx_model, ModelOptions())
+
+
+@pytest.fixture(scope="module")
+def digits(mnist, reference):
+    """The first 64 MNIST test digits and the served model's own answers for them: the serving
+    tests' model (tests/small_model.py) is not the trained net, so what the server must return
+    is what the model says, not the true label (test_classify_png_digits checks accuracy)."""
+    pixels = mnist.test_x[:64]
+    return pixels, reference.predict(pixels_to_input(pixels))[1].argmax(1)
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +76,15 @@ def channel(server):
 
 # ------------------------------------------------------------------------ classification --
 
-def test_classify_png_digits(channel, digits, reference):
-    pixels, labels = digits
+def test_classify_png_digits(channel, digits, reference, mnist):
+    pixels, predicted = digits
     classify, _ = stubs(channel)
     request = pb.ClassifyRequest(images=[pb.Image(encoded=png(p), id=f"png{i}") for i, p in enumerate(pixels)])
     response = classify.Classify(request, timeout=T)
     got = np.array([p.digit for p in response.predictions])
     assert [p.id for p in response.predictions] == [f"png{i}" for i in range(len(pixels))]
-    assert (got == labels).mean() >= 0.9  # a one-epoch model on real test digits
-    np.testing.assert_array_equal(got, reference.predict(pixels_to_input(pixels))[1].argmax(1))
+    assert (got == mnist.test_y[:len(pixels)]).mean() >= 0.85  # a real classifier on real test digits
+    np.testing.assert_array_equal(got, predicted)
     for p in response.predictions:
         assert len(p.probabilities) == 10 and abs(sum(p.probabilities) - 1) < 1e-4
         assert p.probability == max(p.probabilities) and p.label == str(p.digit)
@@ -111,7 +120,7 @@ def test_stream_keeps_order_ids_and_survives_bad_images(channel, digits):
     assert mixed[2].error.code == 3 and "images[2].pixels: 10 bytes" in mixed[2].error.message
     good = [p for i, r in enumerate(responses) if i not in (3, 6) for p in r.predictions]
     assert [p.id for p in good] == [f"s{j}" for j in range(40)]
-    assert (np.array([p.digit for p in good]) == labels[:40]).mean() >= 0.9
+    assert [p.digit for p in good] == list(labels[:40])
 
 
 def test_model_info_shows_file_and_metadata(channel, onnx_model):
@@ -180,7 +189,7 @@ def test_v2_stream_infer(channel, digits):
     good = [r for r in responses if not r.error_message]
     digits_out = np.concatenate([np.frombuffer(r.infer_response.raw_output_contents[1], np.float32).reshape(-1, 10).argmax(1)
                                  for r in good])
-    assert (digits_out == labels[:10]).mean() >= 0.8
+    assert list(digits_out) == list(labels[:10])
 
 
 # --------------------------------------------------------------------------------- errors --
@@ -306,7 +315,7 @@ def test_concurrent_requests_are_batched(onnx_model, digits):
         futures = [classify.Classify.future(raw(pixels[i:i + 1]), timeout=T) for i in range(12)]
         got = [f.result().predictions[0].digit for f in futures]
         m = metrics(s.server.metrics_port)
-    assert (np.array(got) == labels[:12]).mean() >= 0.8
+    assert got == list(labels[:12])
     assert m["network3_batch_size_sum[]"] == 12
     assert m["network3_batch_size_count[]"] < 12  # fewer batches than requests: they were batched
 
@@ -346,13 +355,55 @@ def test_large_request_is_split_across_batches(onnx_model, digits, reference):
 
 
 def test_no_batching_mode_answers_the_same(onnx_model, digits):
+    from serving.unbatched import Unbatched
+
     pixels, labels = digits
     with thread_server(onnx_model, batcher={"batching": False}) as s, s.channel() as ch:
+        assert isinstance(s.server.serving.batcher, Unbatched)
         classify, infer = stubs(ch)
         got = [p.digit for p in classify.Classify(raw(pixels[:20]), timeout=T).predictions]
         config = infer.ModelConfig(v2.ModelConfigRequest(name="network3"), timeout=T).config
-    assert (np.array(got) == labels[:20]).mean() >= 0.9
+        assert s.stats.inference_count() >= 20 and s.stats.method(
+            "network3.v1.DigitClassifier", "Classify").codes == {"OK": 1}
+    assert got == list(labels[:20])
     assert not config.HasField("dynamic_batching")
+
+
+class FailingOnce:
+    """The served model, but the next predict raises (a broken kernel, an onnxruntime error)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.failed = model, False
+
+    def __getattr__(self, name):  # labels, sha256, ...: the real model's
+        return getattr(self.model, name)
+
+    def predict(self, x):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("simulated onnxruntime failure")
+        return self.model.predict(x)
+
+
+@pytest.mark.parametrize("batching", [True, False], ids=["batched", "unbatched"])
+def test_a_model_failure_fails_that_request_and_the_server_keeps_serving(onnx_model, digits, batching):
+    pixels, labels = digits
+    with thread_server(onnx_model, batcher={"batching": batching}) as s, s.channel() as ch:
+        runner = s.server.serving.batcher
+
+        async def break_model():
+            runner.model = FailingOnce(runner.model)
+
+        s.call(break_model())
+        classify, infer = stubs(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            classify.Classify(raw(pixels[:3]), timeout=T)
+        assert e.value.code() == grpc.StatusCode.INTERNAL and "the model failed" in e.value.details()
+        assert [p.digit for p in classify.Classify(raw(pixels[:3]), timeout=T).predictions] == list(labels[:3])
+        r = infer.ModelInfer(v2_request(pixels_to_input(pixels[:2])), timeout=T)
+        assert list(np.frombuffer(r.raw_output_contents[1], np.float32).reshape(2, 10).argmax(1)) == list(labels[:2])
+        assert s.stats.method("network3.v1.DigitClassifier", "Classify").codes == {"INTERNAL": 1, "OK": 1}
+        assert s.stats.model_fail[0] == 1
 
 
 def _wait_until(condition, timeout: float = 20) -> None:
@@ -441,7 +492,7 @@ def test_sigterm_drains_requests_in_flight(process_server, digits):
             pytest.fail("the server kept accepting calls after SIGTERM")
         got = [p.digit for f in futures for p in f.result().predictions]
     assert len(got) == 40
-    assert (np.array(got) == labels[:40]).mean() >= 0.9
+    assert got == list(labels[:40])
     assert all(d == labels[0] for d in late)
     assert s.wait(30) == 0
     assert "draining" in s.log() and "stopped" in s.log()
@@ -475,7 +526,7 @@ def test_sighup_reloads_good_file_and_keeps_serving_on_bad_one(process_server, o
         assert classify.GetModelInfo(pb.GetModelInfoRequest(), timeout=T).sha256 == second.sha256
         response = classify.Classify(raw(pixels[:10]), timeout=T)
         assert response.model_sha256 == second.sha256
-        assert (np.array([p.digit for p in response.predictions]) == labels[:10]).mean() >= 0.8
+        assert [p.digit for p in response.predictions] == list(labels[:10])
 
 
 @pytest.mark.parametrize("content", [None, b"not an onnx file at all"])
