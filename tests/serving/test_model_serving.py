@@ -1,0 +1,176 @@
+"""The serving core's public pieces on their own: the v2 tensor codec (serving.codec), the
+server launcher (serving.launch), the model wrapper and the `serve` defaults."""
+from __future__ import annotations
+
+import dataclasses
+import signal
+import struct
+
+import numpy as np
+import pytest
+
+from serving import codec
+from serving.contract import CLASSES, INPUT_NAME, LABELS, OUTPUT_NAMES, PIXELS
+from serving.errors import InvalidInput, Overloaded
+from serving.model import top_k
+
+SHAPE1 = [1, 1, 28, 28]
+
+
+# ------------------------------------------------------------------------------- codec --
+
+def test_input_array_fp32_and_uint8_raw_and_typed():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (3, 1, 28, 28), dtype=np.uint8)
+    x = (pixels / 255).astype(np.float32)
+    for data in (x.tobytes(), x.ravel().tolist()):
+        got = codec.input_array(INPUT_NAME, "FP32", [3, 1, 28, 28], data, max_images=8)
+        assert got.dtype == np.float32 and got.shape == (3, 1, 28, 28)
+        np.testing.assert_array_equal(got, x)
+    for data in (pixels.tobytes(), pixels.ravel().tolist()):
+        got = codec.input_array(INPUT_NAME, "UINT8", [3, 1, 28, 28], data, max_images=8)
+        np.testing.assert_allclose(got, pixels / 255, atol=1e-7)
+
+
+@pytest.mark.parametrize("args,error,words", [
+    (("pixels", "FP32", SHAPE1, bytes(4 * PIXELS)), InvalidInput, "unknown input 'pixels'"),
+    ((INPUT_NAME, "FP32", [1, 28, 28], bytes(4 * PIXELS)), InvalidInput, "shape [1, 28, 28]"),
+    ((INPUT_NAME, "FP32", [0, 1, 28, 28], b""), InvalidInput, "N >= 1"),
+    ((INPUT_NAME, "FP32", [2 ** 62, 1, 28, 28], b""), Overloaded, "--max-images-per-request 4"),
+    ((INPUT_NAME, "INT32", SHAPE1, bytes(4 * PIXELS)), InvalidInput, "datatype 'INT32'"),
+    ((INPUT_NAME, "FP32", [2, 1, 28, 28], bytes(4 * PIXELS)), InvalidInput, "3136 bytes"),
+    ((INPUT_NAME, "FP32", SHAPE1, [0.0] * 700), InvalidInput, "700 values"),
+    ((INPUT_NAME, "UINT8", SHAPE1, [256] * PIXELS), InvalidInput, "over 255"),
+    ((INPUT_NAME, "FP32", SHAPE1, np.full(PIXELS, np.nan, np.float32).tobytes()), InvalidInput, "NaN"),
+    ((INPUT_NAME, "FP32", SHAPE1, np.full(PIXELS, -np.inf, np.float32).tobytes()), InvalidInput, "infinity"),
+    ((INPUT_NAME, "FP32", SHAPE1, [1.5] * PIXELS), InvalidInput, "outside [0, 1]"),
+])
+def test_input_array_refuses_with_a_clear_message(args, error, words):
+    with pytest.raises(error) as e:
+        codec.input_array(*args, max_images=4)
+    assert words in str(e.value)
+
+
+def test_negative_zero_and_one_are_in_range():
+    data = np.array([-0.0, 1.0] * (PIXELS // 2), np.float32).tobytes()
+    assert codec.input_array(INPUT_NAME, "FP32", SHAPE1, data, max_images=1).max() == 1.0
+
+
+def test_requested_outputs_and_classification_parameter():
+    from protos.inference import grpc_service_pb2 as v2
+
+    Out = v2.ModelInferRequest.InferRequestedOutputTensor
+    assert codec.requested_outputs(v2.ModelInferRequest()) == [(name, 0) for name in OUTPUT_NAMES]
+    request = v2.ModelInferRequest(outputs=[Out(name="probabilities", parameters={"classification": v2.InferParameter(int64_param=3)}),
+                                            Out(name="logits")])
+    assert codec.requested_outputs(request) == [("probabilities", 3), ("logits", 0)]
+    for bad in (v2.InferParameter(int64_param=0), v2.InferParameter(int64_param=CLASSES + 1), v2.InferParameter(string_param="3")):
+        with pytest.raises(InvalidInput, match="classification"):
+            codec.requested_outputs(v2.ModelInferRequest(outputs=[Out(name="logits", parameters={"classification": bad})]))
+    with pytest.raises(InvalidInput, match="unknown output 'softmax'"):
+        codec.requested_output(0, "softmax")
+
+
+def test_classification_is_top_k_as_triton_writes_it():
+    probs = np.array([[0.1, 0.5, 0.0, 0.4] + [0.0] * 6, [0.3, 0.3, 0.4] + [0.0] * 7], np.float32)
+    rows = codec.classification(probs, 2, LABELS)
+    assert rows == [["0.500000:1:1", "0.400000:3:3"], ["0.400000:2:2", "0.300000:0:0"]]  # ties: lower class first
+    order, values = top_k(probs, 2)
+    assert [[int(s.split(":")[1]) for s in row] for row in rows] == order.tolist()
+    blob = codec.bytes_tensor(rows)
+    items = []
+    while blob:
+        (n,), blob = struct.unpack("<I", blob[:4]), blob[4:]
+        items.append(blob[:n].decode())
+        blob = blob[n:]
+    assert items == [s for row in rows for s in row]
+
+
+def test_response_carries_the_requested_outputs():
+    from protos.inference import grpc_service_pb2 as v2
+
+    logits = np.arange(20, dtype=np.float32).reshape(2, 10)
+    probs = np.eye(10, dtype=np.float32)[[3, 7]]
+    request = v2.ModelInferRequest(id="r9")
+    r = codec.response(request, [("logits", 0), ("probabilities", 1)], logits, probs, LABELS, "network3", "1")
+    assert r.id == "r9" and (r.model_name, r.model_version) == ("network3", "1")
+    assert [(o.name, o.datatype, list(o.shape)) for o in r.outputs] == [("logits", "FP32", [2, 10]),
+                                                                        ("probabilities", "BYTES", [2, 1])]
+    np.testing.assert_array_equal(np.frombuffer(r.raw_output_contents[0], "<f4").reshape(2, 10), logits)
+    assert b"1.000000:3:3" in r.raw_output_contents[1] and b"1.000000:7:7" in r.raw_output_contents[1]
+
+
+def test_images_declared_ignores_hostile_shapes():
+    from protos.inference import grpc_service_pb2 as v2
+
+    T = v2.ModelInferRequest.InferInputTensor
+    assert codec.images_declared(v2.ModelInferRequest()) == 0
+    assert codec.images_declared(v2.ModelInferRequest(inputs=[T(shape=[5, 1, 28, 28])]), limit=10) == 5
+    assert codec.images_declared(v2.ModelInferRequest(inputs=[T(shape=[-2 ** 63, 1, 28, 28])])) == 0
+    assert codec.images_declared(v2.ModelInferRequest(inputs=[T(shape=[11, 1, 28, 28])]), limit=10) == 0
+
+
+# ------------------------------------------------------------------------------- model --
+
+def test_model_predict_is_onnxruntime_public_run(onnx_model, mnist):
+    import onnxruntime as ort
+
+    from serving.model import ModelOptions, load_model
+    from serving.preprocess import pixels_to_input
+
+    model = load_model(onnx_model, ModelOptions(warmup_batch_sizes=(1,)))
+    x = pixels_to_input(mnist.test_x[:5])
+    session = ort.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
+    want = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+    for got, expected in zip(model.predict(x), want):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert model.labels == list(LABELS) and model.ready
+
+
+def test_serve_defaults_are_the_option_dataclasses():
+    """Each `network3 serve` default is the default of the dataclass field it sets."""
+    from serving.api.common import Limits
+    from serving.batcher import BatcherOptions
+    from serving.model import ModelOptions
+    from serving.server import ServerOptions, serve_command
+
+    defaults = {p.name: p.default for p in serve_command.params}
+    fields = {cls: {f.name: f.default for f in dataclasses.fields(cls)}
+              for cls in (BatcherOptions, Limits, ModelOptions, ServerOptions)}
+    option_field = {"max_batch_size": (BatcherOptions, "max_batch_size"), "max_queue_delay_us": (BatcherOptions, "max_queue_delay_us"),
+                    "max_queue_size": (BatcherOptions, "max_queue_size"), "instances": (BatcherOptions, "instances"),
+                    "batching": (BatcherOptions, "batching"), "inline_max_images": (BatcherOptions, "inline_max"),
+                    "intra_op_threads": (ModelOptions, "intra_op_threads"),
+                    "max_message_bytes": (Limits, "max_message_bytes"), "max_images_per_request": (Limits, "max_images_per_request"),
+                    "max_pixels": (Limits, "max_pixels"), "host": (ServerOptions, "host"), "port": (ServerOptions, "port"),
+                    "model_name": (ServerOptions, "model_name"), "grace": (ServerOptions, "grace"),
+                    "metrics_port": (ServerOptions, "metrics_port"), "access_log": (ServerOptions, "access_log")}
+    for option, (cls, name) in option_field.items():
+        assert defaults[option] == fields[cls][name], option
+    assert ModelOptions().intra_op_threads == 1
+
+
+# ------------------------------------------------------------------------------ launch --
+
+def test_server_process_starts_serves_and_stops(onnx_model, tmp_path):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from serving.launch import ServerProcess
+
+    with ServerProcess(onnx_model, "--metrics-port", "0", "--no-access-log", log=tmp_path / "s.log") as s:
+        assert s.address == f"127.0.0.1:{s.port}" and s.port > 0 and s.metrics_port and s.poll() is None
+        with grpc.insecure_channel(s.address) as ch:
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        s.signal(signal.SIGHUP)
+        s.wait_for_log(r"reloaded .* sha256")
+    assert s.poll() == 0  # the context manager stopped it with SIGTERM: drained, exit 0
+    assert "stopped" in s.log()
+
+
+def test_server_process_reports_a_server_that_does_not_start(tmp_path):
+    from serving.launch import ServerProcess
+
+    with pytest.raises(RuntimeError, match=r"exited with 1[\s\S]*model.onnx"):
+        ServerProcess(tmp_path / "model.onnx", log=tmp_path / "s.log", timeout=60)
