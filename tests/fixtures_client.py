@@ -15,13 +15,14 @@ from PIL import Image
 @pytest.fixture(scope="session")
 def predict(onnx_model):
     """uint8 MNIST-format pixels [N, 28, 28] -> predicted digits [N], through the exported model."""
+    from serving.contract import SIDE
     from serving.model import ModelOptions, load_model
     from serving.preprocess import pixels_to_input
 
     model = load_model(onnx_model, ModelOptions(intra_op_threads=1, warmup_batch_sizes=(1,)))
 
     def run(pixels: np.ndarray) -> np.ndarray:
-        pixels = np.asarray(pixels, np.uint8).reshape(-1, 28, 28)
+        pixels = np.asarray(pixels, np.uint8).reshape(-1, SIDE, SIDE)
         out = [model.predict(pixels_to_input(pixels[i:i + 512]))[1].argmax(1) for i in range(0, len(pixels), 512)]
         return np.concatenate(out) if out else np.zeros(0, int)
 
@@ -42,7 +43,7 @@ def sample_dir(tmp_path_factory, mnist) -> Path:
 @pytest.fixture(scope="session")
 def idx_dir(tmp_path_factory, mnist) -> Path:
     """MNIST's test set as the official IDX files (images and labels side by side)."""
-    from training.data import to_idx
+    from serving.idx import to_idx
 
     root = tmp_path_factory.mktemp("idx")
     (root / "t10k-images-idx3-ubyte").write_bytes(to_idx(mnist.test_x))

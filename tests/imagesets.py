@@ -24,6 +24,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from serving.contract import SIDE
+
 Item = tuple[bytes, int]
 
 
@@ -81,11 +83,11 @@ def mnist_variant(kind: str, digit: np.ndarray, rng: np.random.Generator) -> byt
         return encode(Image.fromarray(255 - digit))
     if kind == "scaled":  # a bigger scan, dark on light
         s = int(rng.integers(3, 9))
-        return encode(Image.fromarray(255 - digit).resize((28 * s, 28 * s), Image.Resampling.BICUBIC))
+        return encode(Image.fromarray(255 - digit).resize((SIDE * s, SIDE * s), Image.Resampling.BICUBIC))
     if kind == "offcentre":  # the digit somewhere on a larger white page
         s = int(rng.integers(2, 5))
-        d = Image.fromarray(255 - digit).resize((28 * s, 28 * s), Image.Resampling.BICUBIC)
-        W, H = int(28 * s * rng.uniform(1.5, 3)), int(28 * s * rng.uniform(1.5, 3))
+        d = Image.fromarray(255 - digit).resize((SIDE * s, SIDE * s), Image.Resampling.BICUBIC)
+        W, H = int(SIDE * s * rng.uniform(1.5, 3)), int(SIDE * s * rng.uniform(1.5, 3))
         page = Image.new("L", (W, H), 255)
         page.paste(d, (int(rng.integers(0, W - d.width + 1)), int(rng.integers(0, H - d.height + 1))))
         return encode(page)
@@ -98,7 +100,7 @@ def mnist_variant(kind: str, digit: np.ndarray, rng: np.random.Generator) -> byt
         return encode(Image.fromarray(rgb, "RGB").resize((84, 84), Image.Resampling.BICUBIC))
     if kind == "jpeg":
         s = int(rng.integers(2, 5))
-        d = Image.fromarray(255 - digit).resize((28 * s, 28 * s), Image.Resampling.BICUBIC)
+        d = Image.fromarray(255 - digit).resize((SIDE * s, SIDE * s), Image.Resampling.BICUBIC)
         return encode(d, "JPEG", quality=int(rng.integers(40, 90)))
     if kind == "photo":
         return encode(ink_on_paper(digit / 255.0, rng, scale=int(rng.integers(3, 7))),
