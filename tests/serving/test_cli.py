@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from fixtures_client import free_port
+from serving.classifier import Classifier, ClientError, Prediction
 from serving.cli import cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -351,24 +352,17 @@ def test_an_empty_folder_says_so(server, tmp_path):
 
 # ---- one exit code per failure, wherever it happens ----
 
-class Failing:
+class Failing(Classifier):
     """A backend whose calls fail with `code`: at the start of a job (info), in the middle of one
     (after three answers), in health or in info."""
 
     def __init__(self, code: str, where: str):
         self.code, self.where, self.address = code, where, "fake:1"
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def close(self):
         pass
 
     def fail(self):
-        from serving.classifier import ClientError
         return ClientError(self.code, "boom", self.address)
 
     def health(self, service="", timeout=None):
@@ -380,7 +374,6 @@ class Failing:
         return {"limits": {}}
 
     def classify_stream(self, images, *, batch_size=64, window=8, top_k=None, max_request_bytes=None):
-        from serving.classifier import Prediction
         for i, _ in enumerate(images):
             if i == 3:
                 raise self.fail()

@@ -72,15 +72,15 @@ def test_normalisation_is_mnists_own(mnist, predict):
     assert abs(np.median(cy) - 14) <= 0.5
 
 
-# ---- photos and scans made from MNIST digits (the issue's bar: 97% on 1,000) ----
+# ---- photos and scans made from MNIST digits ----
 
 def test_real_world_variants_of_mnist_digits(mnist, predict):
     """MNIST test digits dressed as the files people send (inverted, scaled up, off-centre, in
     colour, JPEG, photographed) come back as the digits the model reads in the originals.
 
     The issue's bar (97% of 1,000 right, with the trained network) is for that network and is
-    measured by benchmarks/preprocess_report.py; the test model here (random features, about
-    94%) is held to its own answers on the clean digits."""
+    measured by benchmarks/preprocess_report.py; the test model here (random features, weaker) is
+    held to its own answers on the clean digits."""
     x, y = mnist.test_x, mnist.test_y
     per_kind = 1000 // len(S.MNIST_KINDS) + 1
     agree, right, clean_right = {}, {}, {}
@@ -124,8 +124,9 @@ def test_harder_sheet_photos(mnist, predict, kind):
 
 def test_font_digits(predict):
     """Every font on this machine (DejaVu and matplotlib's Computer Modern and STIX at least).
-    Printed digits are far from MNIST's handwriting: the test model (random features, not the
-    trained network, which benchmarks/preprocess_report.py measures) reads three in four."""
+    Printed digits are far from MNIST's handwriting, and the test model (random features, not the
+    trained network, which benchmarks/preprocess_report.py measures) is weaker on them than on
+    MNIST: a lower floor than the pen's."""
     items = S.font_set(5)
     assert len(items) >= 100  # matplotlib ships fonts: this set never comes out empty
     acc = accuracy(predict, items)
