@@ -28,9 +28,11 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 from serving.preprocess import pixels_to_input  # noqa: E402
+from serving.contract import INPUT_NAME  # noqa: E402
+from training.checkpoint import load_checkpoint  # noqa: E402
 from training.data import load  # noqa: E402
-from training.export import export_onnx, onnx_session  # noqa: E402
-from training.train import load_checkpoint  # noqa: E402
+from training.export import export_onnx  # noqa: E402
+from training.onnxrt import onnx_session  # noqa: E402
 
 
 def measure(run, seconds: float, rounds: int = 3) -> tuple[float, float]:
@@ -91,7 +93,7 @@ def main() -> int:
                 return len(xb)
             return run
         sess = sessions[name]
-        return lambda: (sess.run(None, {"images": xb}), len(xb))[1]
+        return lambda: (sess.run(None, {INPUT_NAME: xb}), len(xb))[1]
 
     names = ["PyTorch eager", *sessions]
     rows = []

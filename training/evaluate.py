@@ -1,7 +1,8 @@
 """Accuracy, per-digit accuracy and the confusion matrix, for a checkpoint or an ONNX file.
 
 Both go through the same preprocessing contract (`serving.preprocess.pixels_to_input`), so a
-number printed here means the same thing as the one the server's model file carries.
+number printed here means the same thing as the one the server's model file carries; the
+confusion matrix is counted and printed by `serving.confusion`, as `network3 classify` does.
 """
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from serving.confusion import confusion_matrix, format_confusion
 from serving.preprocess import pixels_to_input
+from .checkpoint import load_checkpoint
+from .onnxrt import onnx_predictor
 
 Predict = Callable[[np.ndarray], np.ndarray]  # float32 [N,1,28,28] -> scores [N,10]
 
@@ -20,8 +24,7 @@ def summarize(pred: np.ndarray, labels: np.ndarray) -> dict:
     """Every accuracy a fraction in [0, 1]; confusion rows are true digits, columns predictions."""
     labels = np.asarray(labels, dtype=np.int64)
     pred = np.asarray(pred, dtype=np.int64)
-    confusion = np.zeros((10, 10), dtype=np.int64)
-    np.add.at(confusion, (labels, pred), 1)
+    confusion = confusion_matrix(labels, pred)
     per_digit = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
     return {
         "accuracy": float((pred == labels).mean()) if len(labels) else 0.0,
@@ -52,9 +55,7 @@ def load_predictor(path: str | Path, device: str = "cpu") -> tuple[Predict, dict
     """A checkpoint (.pt) or an exported model (.onnx) as one predict function plus its facts."""
     path = Path(path)
     if path.suffix == ".onnx":
-        from .export import onnx_predictor  # onnxruntime only; no torch model needed
-        return onnx_predictor(path)
-    from .train import load_checkpoint
+        return onnx_predictor(path)  # onnxruntime only; no torch model needed
     model, ckpt = load_checkpoint(path, device)
     return torch_predict(model, device), {"preset": ckpt["config"].get("preset"), "data_sha256": ckpt.get("data_sha256")}
 
@@ -62,8 +63,5 @@ def load_predictor(path: str | Path, device: str = "cpu") -> tuple[Predict, dict
 def format_report(result: dict) -> str:
     lines = [f"test accuracy {result['accuracy']:.4f} ({result['count']} images)", "per digit: " +
              "  ".join(f"{d}:{a:.4f}" for d, a in enumerate(result["per_digit_accuracy"])),
-             "confusion (rows true, columns predicted):",
-             "      " + "".join(f"{d:>6}" for d in range(10))]
-    for d, row in enumerate(result["confusion"]):
-        lines.append(f"{d:>6}" + "".join(f"{v:>6}" for v in row))
+             *format_confusion(result["confusion"])]
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
     export_onnx([runs/default/best.pt], models/default.onnx)
 
-The graph: input `images` float32 [N,1,28,28] (the `serving.preprocess` contract), outputs
+The graph: input `images` float32 [N,1,28,28] (`serving.contract`'s INPUT_CONTRACT), outputs
 `logits` and `probabilities` float32 [N,10], N dynamic.  Several checkpoints make one ensemble
 graph: probabilities are the mean of the members' softmaxes, logits the log of that mean.
 
@@ -29,28 +29,28 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from google.protobuf import text_format
 from torch import nn
 
-from serving.contract import INPUT_CONTRACT as CONTRACT
+from protos.inference import model_config_pb2 as mc
+from serving.contract import CLASSES, INPUT_CONTRACT, INPUT_NAME, INPUT_SHAPE, LABELS, MODEL_NAME, OUTPUT_NAMES
 from serving.preprocess import pixels_to_input
 from . import __version__
-from .data import Mnist, atomic_write
+from .checkpoint import load_checkpoint
+from .data import Mnist, atomic_write, load
+from .onnxrt import ExportError, onnx_predict, onnx_session, opset_of, set_metadata
+from .quantize import quantize_int8
 
-LABELS = [str(d) for d in range(10)]
-OUTPUTS = ("logits", "probabilities")
 PARITY_ATOL = 1e-5  # onnxruntime vs PyTorch, on every probability of every test image
 CHECK_BATCHES = (1, 7, 256, 4096)  # the dynamic batch dimension must run at all of these
 MAX_BATCH = max(CHECK_BATCHES)  # the largest batch proven at export: Triton's max_batch_size
 # torch's exporter implements opset 18 and later; it converts down for older ones and that
 # conversion is not reliable (ReduceLogSumExp fails at 17), so we refuse instead of guessing.
 MIN_OPSET = 18
-TRITON_NAME = "network3"
+# Triton's dynamic batcher waits this long for more requests before it runs a batch.
+TRITON_QUEUE_DELAY_US = 1000
 
 Log = Callable[[str], None]
-
-
-class ExportError(ValueError):
-    """An export refused: bad arguments, bad checkpoint, failed parity or accuracy guard."""
 
 
 # ------------------------------------------------------------ the exported computation ----
@@ -74,7 +74,6 @@ class Exported(nn.Module):
 
 
 def load_members(checkpoints: list[Path]) -> tuple[list[nn.Module], list[dict]]:
-    from .train import load_checkpoint  # weights_only load, config rebuilt, eval mode
     models, ckpts = [], []
     for path in checkpoints:
         if not Path(path).is_file():
@@ -114,42 +113,6 @@ def git_commit() -> str:
 
 # ------------------------------------------------------------ onnxruntime side ----
 
-def onnx_session(model: str | Path | bytes, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU session; threads default to torch's setting so tests and benchmarks control both at once."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    source = model if isinstance(model, bytes) else str(model)
-    try:
-        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime's own exception types: turn them into one clear line
-        where = "model" if isinstance(model, bytes) else str(model)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ExportError(f"{where}: onnxruntime cannot load it ({first[:200]})") from None
-
-
-def onnx_predict(model: str | Path | ort.InferenceSession, x: np.ndarray, batch: int = 1000
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, probabilities) for float32 [N,1,28,28], run in slices of `batch` images."""
-    sess = model if isinstance(model, ort.InferenceSession) else onnx_session(model)
-    name = sess.get_inputs()[0].name
-    outs = [sess.run(list(OUTPUTS), {name: x[i:i + batch]}) for i in range(0, len(x), batch)]
-    return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    return dict(onnx_session(path, threads=1).get_modelmeta().custom_metadata_map)
-
-
-def onnx_predictor(path: str | Path) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
-    """For `network3-train evaluate model.onnx`: a predict function (images -> probabilities) and facts."""
-    sess = onnx_session(path)
-    meta = dict(sess.get_modelmeta().custom_metadata_map)
-    facts = {"preset": meta.get("preset"), "data_sha256": meta.get("data_sha256"),
-             "recorded_test_accuracy": float(meta["test_accuracy"]) if "test_accuracy" in meta else None}
-    return (lambda x: onnx_predict(sess, x)[1]), facts
-
-
 def reference_outputs(module: nn.Module, x: np.ndarray, batch: int = 1000) -> tuple[np.ndarray, np.ndarray]:
     """PyTorch's (logits, probabilities) for the parity check."""
     with torch.inference_mode():
@@ -171,17 +134,18 @@ def parity(ref: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarray
 def check_signature(sess: ort.InferenceSession, batches=CHECK_BATCHES) -> None:
     """Names, types and shapes match the contract, and every batch size in `batches` runs."""
     (inp,) = sess.get_inputs()
-    if inp.name != CONTRACT["name"] or inp.type != "tensor(float)" or list(inp.shape[1:]) != CONTRACT["shape"][1:] \
+    if inp.name != INPUT_NAME or inp.type != "tensor(float)" or tuple(inp.shape[1:]) != INPUT_SHAPE \
             or not isinstance(inp.shape[0], str):
-        raise ExportError(f"graph input {inp.name} {inp.type} {inp.shape} does not match the contract {CONTRACT}")
-    if [o.name for o in sess.get_outputs()] != list(OUTPUTS):
-        raise ExportError(f"graph outputs {[o.name for o in sess.get_outputs()]}, expected {list(OUTPUTS)}")
+        raise ExportError(f"graph input {inp.name} {inp.type} {inp.shape} does not match the contract "
+                          f"{INPUT_CONTRACT}")
+    if [o.name for o in sess.get_outputs()] != list(OUTPUT_NAMES):
+        raise ExportError(f"graph outputs {[o.name for o in sess.get_outputs()]}, expected {list(OUTPUT_NAMES)}")
     rng = np.random.default_rng(0)
     for n in batches:
-        x = rng.random((n, *CONTRACT["shape"][1:]), dtype=np.float32)
-        shapes = [o.shape for o in sess.run(list(OUTPUTS), {inp.name: x})]
-        if shapes != [(n, 10), (n, 10)]:
-            raise ExportError(f"batch of {n}: outputs have shapes {shapes}, expected [{n}, 10]")
+        x = rng.random((n, *INPUT_SHAPE), dtype=np.float32)
+        shapes = [o.shape for o in sess.run(list(OUTPUT_NAMES), {inp.name: x})]
+        if shapes != [(n, CLASSES)] * len(OUTPUT_NAMES):
+            raise ExportError(f"batch of {n}: outputs have shapes {shapes}, expected [{n}, {CLASSES}]")
 
 
 # ------------------------------------------------------------ export ----
@@ -193,26 +157,13 @@ def to_onnx(module: nn.Module, opset: int | None) -> onnx.ModelProto:
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     try:
         program = torch.onnx.export(
-            module.eval(), (torch.zeros(2, *CONTRACT["shape"][1:]),), dynamo=True, opset_version=opset,
-            input_names=[CONTRACT["name"]], output_names=list(OUTPUTS), dynamic_shapes={"images": {0: batch}},
+            module.eval(), (torch.zeros(2, *INPUT_SHAPE),), dynamo=True, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_shapes={INPUT_NAME: {0: batch}},
             external_data=False, verbose=False)
     except Exception as e:  # the exporter's many error types: one line for the CLI
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ExportError(f"torch.onnx.export failed: {first[:300]}") from e
     return program.model_proto
-
-
-def set_metadata(model: onnx.ModelProto, meta: dict[str, object]) -> None:
-    """metadata_props: strings as they are, everything else as JSON."""
-    existing = {p.key: p for p in model.metadata_props}
-    for key, value in meta.items():
-        text = value if isinstance(value, str) else json.dumps(value)
-        prop = existing.get(key) or model.metadata_props.add()
-        prop.key, prop.value = key, text
-
-
-def opset_of(model: onnx.ModelProto) -> int:
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def write_checked(model: onnx.ModelProto, out: Path) -> None:
@@ -235,7 +186,6 @@ def export_onnx(checkpoints: list[Path], out: Path, *, opset: int | None = None,
     models, ckpts = load_members(checkpoints)
     module = Exported(models).eval()
     if data is None:
-        from .data import load
         data = load(verbose=False)
     for path, ckpt in zip(checkpoints, ckpts):
         if ckpt.get("data_sha256") and ckpt["data_sha256"] != data.data_sha256:
@@ -263,7 +213,7 @@ def export_onnx(checkpoints: list[Path], out: Path, *, opset: int | None = None,
     presets = sorted({c.get("preset") or c["config"].get("preset", "custom") for c in ckpts})
     configs = [c["config"] for c in ckpts]
     meta = {
-        "labels": LABELS, "input": CONTRACT, "preset": ",".join(presets),
+        "labels": list(LABELS), "input": INPUT_CONTRACT, "preset": ",".join(presets),
         # one config dict for a single net; a list, one per member, for an ensemble
         "config": configs[0] if len(configs) == 1 else configs,
         "test_accuracy": json.dumps(accuracy), "data_sha256": data.data_sha256, "git_commit": git_commit(),
@@ -277,7 +227,6 @@ def export_onnx(checkpoints: list[Path], out: Path, *, opset: int | None = None,
               "parity": figures, "batch_sizes": list(CHECK_BATCHES)}
 
     if quantize:
-        from .quantize import quantize_int8
         proto, report["int8"] = quantize_int8(proto, data, float32_accuracy=accuracy, log=log)
         report["test_accuracy"] = report["int8"]["test_accuracy"]
     write_checked(proto, out)
@@ -294,26 +243,28 @@ def export_onnx(checkpoints: list[Path], out: Path, *, opset: int | None = None,
 # ------------------------------------------------------------ Triton ----
 
 def triton_config(path: Path, max_batch: int = MAX_BATCH) -> str:
-    """config.pbtxt for Triton's onnxruntime backend, read from the file's own inputs and outputs."""
+    """config.pbtxt for Triton's onnxruntime backend, read from the file's own inputs and outputs.
+
+    Built as Triton's ModelConfig message and printed by protobuf's text_format, so the text is
+    valid by construction: a field Triton does not know cannot be written.
+    """
     sess = onnx_session(path, threads=1)
-    types = {"tensor(float)": "TYPE_FP32"}
-
-    def tensor(t) -> str:
-        dims = ", ".join(str(d) for d in t.shape[1:])  # max_batch_size > 0: the batch dim is implicit
-        label = ' label_filename: "labels.txt"' if t.name == "probabilities" else ""
-        return f'  {{ name: "{t.name}" data_type: {types[t.type]} dims: [ {dims} ]{label} }}'
-
-    return "\n".join([
-        f'name: "{TRITON_NAME}"', 'backend: "onnxruntime"', f"max_batch_size: {max_batch}",
-        "input [", ",\n".join(tensor(t) for t in sess.get_inputs()), "]",
-        "output [", ",\n".join(tensor(t) for t in sess.get_outputs()), "]",
-        "dynamic_batching { max_queue_delay_microseconds: 1000 }", "",
-    ])
+    types = {"tensor(float)": mc.TYPE_FP32}
+    config = mc.ModelConfig(name=MODEL_NAME, backend="onnxruntime", max_batch_size=max_batch)
+    config.dynamic_batching.max_queue_delay_microseconds = TRITON_QUEUE_DELAY_US
+    # max_batch_size > 0: Triton adds the batch dimension itself, so dims leave it out.
+    for t in sess.get_inputs():
+        config.input.add(name=t.name, data_type=types[t.type], dims=t.shape[1:])
+    for t in sess.get_outputs():
+        out = config.output.add(name=t.name, data_type=types[t.type], dims=t.shape[1:])
+        if t.name == OUTPUT_NAMES[1]:  # probabilities: Triton's classification extension reads the labels
+            out.label_filename = "labels.txt"
+    return text_format.MessageToString(config)
 
 
 def write_triton_repo(model: Path, repo: Path) -> Path:
     """repo/network3/{1/model.onnx,labels.txt,config.pbtxt}, each file atomic, the config (Triton's cue) last."""
-    folder = repo / TRITON_NAME
+    folder = repo / MODEL_NAME
     (folder / "1").mkdir(parents=True, exist_ok=True)
     files = {folder / "1" / "model.onnx": model.read_bytes(),
              folder / "labels.txt": ("\n".join(LABELS) + "\n").encode(),

@@ -30,9 +30,10 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+from serving.contract import INPUT_NAME
 from serving.preprocess import pixels_to_input
 from .data import Mnist
-from .export import ExportError, onnx_predict, onnx_session, opset_of, set_metadata
+from .onnxrt import ExportError, onnx_predict, onnx_session, opset_of, set_metadata
 
 
 MAX_DROP_PP = 0.1  # percentage points of test accuracy int8 may lose against float32
@@ -44,7 +45,7 @@ REDUCE_RANGE = True
 
 class _Calibration(CalibrationDataReader):
     def __init__(self, x: np.ndarray, batch: int = 100):
-        self._batches = iter([{"images": x[i:i + batch]} for i in range(0, len(x), batch)])
+        self._batches = iter([{INPUT_NAME: x[i:i + batch]} for i in range(0, len(x), batch)])
 
     def get_next(self) -> dict | None:
         return next(self._batches, None)
@@ -64,12 +65,12 @@ def head_nodes(model: onnx.ModelProto) -> list[str]:
 def images_per_second(sess: ort.InferenceSession, x: np.ndarray, batch: int, seconds: float = 0.5) -> float:
     """Best of three timed loops of about `seconds`/3 each: a rough figure for the export report."""
     xb = x[:batch]
-    sess.run(None, {"images": xb})  # warm-up
+    sess.run(None, {INPUT_NAME: xb})  # warm-up
     best = 0.0
     for _ in range(3):
         n, t0 = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - t0) < seconds / 3 or n == 0:
-            sess.run(None, {"images": xb})
+            sess.run(None, {INPUT_NAME: xb})
             n += 1
         best = max(best, n * batch / elapsed)
     return best

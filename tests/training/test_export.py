@@ -19,8 +19,9 @@ from serving.contract import INPUT_CONTRACT as CONTRACT
 from serving.preprocess import pixels_to_input
 from training import export as export_mod
 from training.cli import cli
-from training.export import ExportError, export_onnx, onnx_predict, onnx_session, read_metadata, weights_sha256
-from training.train import load_checkpoint
+from training.checkpoint import load_checkpoint
+from training.export import export_onnx, weights_sha256
+from training.onnxrt import ExportError, onnx_predict, onnx_session, read_metadata
 
 METADATA_KEYS = {"labels", "input", "preset", "config", "test_accuracy", "data_sha256", "git_commit",
                  "exported_at", "weights_sha256", "opset", "network3_version"}

@@ -1,6 +1,8 @@
 """`--triton-repo`: the layout Triton expects, and config.pbtxt parsed strictly with Triton's own schema.
 
-The parse runs in a child interpreter: tritonclient's model_config_pb2 and our committed
+export.triton_config builds the file as our ModelConfig message (protos.inference, the same
+schema) printed by text_format; here it is parsed back twice: with our stubs in this process,
+and with tritonclient's in a child interpreter: tritonclient's model_config_pb2 and our committed
 protos.inference stubs both register `inference.*` in protobuf's default descriptor pool, and
 whichever is imported second in one process fails.  Other test modules import our stubs.
 """
@@ -10,7 +12,11 @@ import json
 import subprocess
 import sys
 
-from training.export import MAX_BATCH, onnx_session, write_triton_repo
+from google.protobuf import text_format
+
+from protos.inference import model_config_pb2 as mc
+from training.export import MAX_BATCH, TRITON_QUEUE_DELAY_US, write_triton_repo
+from training.onnxrt import onnx_session
 
 PARSE = r"""
 import json, sys
@@ -52,3 +58,15 @@ def test_triton_repository_layout_and_config(onnx_model, tmp_path):
     assert got(config["input"]) == expect(sess.get_inputs()) == [("images", "TYPE_FP32", ["1", "28", "28"])]
     assert got(config["output"]) == expect(sess.get_outputs())
     assert [e["name"] for e in config["output"]] == ["logits", "probabilities"]
+
+
+def test_config_parses_back_into_model_config(onnx_model, tmp_path):
+    folder = write_triton_repo(onnx_model, tmp_path / "repo")
+    text = (folder / "config.pbtxt").read_text()
+    config = text_format.Parse(text, mc.ModelConfig())  # strict: an unknown field raises
+    assert (config.name, config.backend, config.max_batch_size) == ("network3", "onnxruntime", MAX_BATCH)
+    assert config.dynamic_batching.max_queue_delay_microseconds == TRITON_QUEUE_DELAY_US
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [("images", mc.TYPE_FP32, [1, 28, 28])]
+    assert [(t.name, t.data_type, list(t.dims), t.label_filename) for t in config.output] == [
+        ("logits", mc.TYPE_FP32, [10], ""), ("probabilities", mc.TYPE_FP32, [10], "labels.txt")]
+    assert text_format.MessageToString(config) == text  # printed by text_format, not by hand
