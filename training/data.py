@@ -8,27 +8,32 @@ Every file we fetch is checked against a pinned sha256 before it is parsed.  A p
 ever read when its hash is the pinned one, and then through an unpickler that builds numpy
 arrays and nothing else.  The canonical form is uint8 pixels and labels: Nielsen's floats are
 uint8/256 exactly, so nothing is lost converting back, and `data_sha256` (a hash of the
-canonical arrays) is the same whatever file the data came from.
+canonical arrays) is the same whatever file the data came from.  IDX files are read by
+`serving.idx`, the one IDX reader the client uses too; its InvalidInput becomes DataError here.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
 import json
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import tempfile
 import urllib.request
 import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from serving import idx
+from serving.contract import SIDE
+from serving.errors import InvalidInput
+from serving.idx import to_idx  # noqa: F401  (re-exported: tests and benchmarks write IDX files through training.data)
 
 SPLITS = ("train", "val", "test")
 
@@ -105,44 +110,13 @@ def sha256_bytes(b: bytes) -> str:
 
 # ---------------------------------------------------------------- IDX ----
 
-def parse_idx(raw: bytes, name: str, kind: str) -> np.ndarray:
-    """Parse IDX bytes (already gunzipped). kind: 'images' (N x 28 x 28) or 'labels' (N)."""
-    ndim = 3 if kind == "images" else 1
-    if len(raw) < 4 + 4 * ndim:
-        raise DataError(f"{name}: truncated IDX header ({len(raw)} bytes)")
-    magic = int.from_bytes(raw[:4], "big")
-    if magic != 0x0800 + ndim:
-        raise DataError(f"{name}: wrong magic number 0x{magic:08x}, expected 0x{0x0800 + ndim:08x} "
-                        f"(uint8 {kind} file)")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    if kind == "images" and dims[1:] != [28, 28]:
-        raise DataError(f"{name}: images are {dims[1]}x{dims[2]}, expected 28x28")
-    expected = int(np.prod(dims))
-    body = raw[4 + 4 * ndim:]
-    if len(body) != expected:
-        raise DataError(f"{name}: header promises {expected} bytes of data, file has {len(body)}"
-                        f" ({'truncated' if len(body) < expected else 'trailing bytes'})")
-    arr = np.frombuffer(body, dtype=np.uint8).reshape(dims)
-    if kind == "labels" and arr.size and arr.max() > 9:
-        raise DataError(f"{name}: label {int(arr.max())} out of range 0..9")
-    return arr
-
-
-def to_idx(arr: np.ndarray) -> bytes:
-    """The inverse of parse_idx, for tests and for checking our pinned hashes."""
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    header = (0x0800 + arr.ndim).to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
-    return header + arr.tobytes()
-
-
-def _read_maybe_gz(path: Path) -> bytes:
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:  # zlib.error: damaged deflate data
-            raise DataError(f"{path}: corrupt gzip ({e})") from None
-    return raw
+@contextlib.contextmanager
+def idx_errors():
+    """serving.idx's InvalidInput as DataError, with the same message (it names the file)."""
+    try:
+        yield
+    except InvalidInput as e:
+        raise DataError(str(e)) from None
 
 
 def find_idx(folder: Path) -> dict[str, Path] | None:
@@ -163,13 +137,15 @@ def load_idx(paths: dict[str, Path], *, pinned: bool, source: str) -> Mnist:
     """Read the four IDX files. `pinned`: they must be the official MNIST bytes."""
     arrays, files = {}, {}
     for key, path in paths.items():
-        raw = _read_maybe_gz(path)
+        with idx_errors():
+            raw = idx.read_bytes(path)
         digest = sha256_bytes(raw)
         files[path.name] = digest
         stem = IDX_FILES[key]
         if pinned and digest != IDX_SHA256[stem]:
             raise DataError(f"{path}: sha256 {digest} does not match the pinned MNIST {stem}")
-        arrays[key] = parse_idx(raw, str(path), key.split("_")[1])
+        with idx_errors():
+            arrays[key] = idx.parse(raw, key.split("_")[1], str(path))
     for split in ("train", "test"):
         n_img, n_lab = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
         if n_img != n_lab:
@@ -220,7 +196,7 @@ def load_pickle(path: Path) -> Mnist:
             x = np.asarray(x, dtype=np.float64) * 256.0  # floats are uint8/256 exactly
             if not np.array_equal(x, np.round(x)) or x.min() < 0 or x.max() > 255:
                 raise DataError(f"{path}: pixel values are not uint8/256")
-            out += [x.astype(np.uint8).reshape(-1, 28, 28), np.asarray(y).astype(np.uint8)]
+            out += [x.astype(np.uint8).reshape(-1, SIDE, SIDE), np.asarray(y).astype(np.uint8)]
         return Mnist(*out, source=f"pickle:{path.name}", files={path.name: digest})
     except DataError:
         raise
@@ -284,10 +260,8 @@ def fetch_mirrors(dest: Path) -> dict[str, Path] | None:
             for key, stem in IDX_FILES.items():
                 with urllib.request.urlopen(base + stem + ".gz", timeout=MIRROR_TIMEOUT_S) as r:
                     raw = r.read()
-                try:
-                    inner = gzip.decompress(raw)
-                except (OSError, EOFError, zlib.error) as e:
-                    raise DataError(f"{base}{stem}.gz: corrupt gzip ({e})") from None
+                with idx_errors():
+                    inner = idx.gunzip(raw, f"{base}{stem}.gz")
                 if sha256_bytes(inner) != IDX_SHA256[stem]:
                     raise DataError(f"{base}{stem}.gz: sha256 does not match the pinned MNIST file")
                 path = dest / f"{stem}.gz"

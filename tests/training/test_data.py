@@ -100,7 +100,7 @@ def test_idx_wrong_image_size(tmp_path):
 
 def test_pinned_idx_refuses_other_bytes(tmp_path):
     paths = {}
-    arrays = write_idx_set(tmp_path, np.random.default_rng(4))
+    write_idx_set(tmp_path, np.random.default_rng(4))
     for key, stem in data.IDX_FILES.items():
         paths[key] = tmp_path / stem
     with pytest.raises(DataError, match="does not match the pinned"):
@@ -167,3 +167,29 @@ def test_expand_shifts_one_pixel_with_zero_fill():
     assert ex[1, 27, 5] == 0 and ex[1, 9, 27] == 200
     assert ex[4, 10, 0] == 0 and ex[4, 0, 6] == 200
     assert all(int(e.sum()) <= int(x.sum()) for e in ex)
+
+
+def test_idx_is_read_by_serving_idx_and_its_errors_become_data_errors(tmp_path, monkeypatch):
+    """training.data has no IDX reader of its own: serving.idx parses, and its InvalidInput
+    reaches the user as DataError with the same message."""
+    from serving import idx
+    from serving.errors import InvalidInput
+
+    assert data.to_idx is idx.to_idx and not hasattr(data, "parse_idx")
+    write_idx_set(tmp_path, np.random.default_rng(5))
+    raw = (tmp_path / "t10k-labels-idx1-ubyte").read_bytes()
+    with pytest.raises(InvalidInput) as direct:
+        idx.parse(raw[:-1], "labels", "t10k-labels-idx1-ubyte")
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(raw[:-1])
+    with pytest.raises(DataError) as via_data:
+        data.load_idx(data.find_idx(tmp_path), pinned=False, source="test")
+    assert str(via_data.value).endswith(str(direct.value).split(": ", 1)[1])
+    # A damaged gzip and one that inflates past the cap are DataErrors too, naming the file.
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(raw)[:-12])
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: corrupt gzip"):
+        data.load_idx(data.find_idx(tmp_path), pinned=False, source="test")
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0" * 9_000_000))
+    monkeypatch.setattr(idx.read_bytes, "__defaults__", (8_000_000,))  # above the 7.9 MB training images
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: inflates to over 8,000,000 bytes"):
+        data.load_idx(data.find_idx(tmp_path), pinned=False, source="test")

@@ -1,5 +1,6 @@
 """Hostile files: hypothesis mutates IDX files and Nielsen's pickle and feeds them to the readers,
-which may only raise DataError, never crash or run code of the file's choosing.
+which may only raise DataError (InvalidInput from serving.idx's parser, which training.data
+uses), never crash or run code of the file's choosing.
 
 `make test` runs a fixed set of examples (NETWORK3_FUZZ_EXAMPLES, default 40 per test); `make
 fuzz` runs thousands of fresh random ones.  The gRPC half is tests/serving/test_fuzz_grpc.py.
@@ -47,6 +48,8 @@ def mutate_bytes(draw, seed: bytes) -> bytes:
 
 
 def test_idx_reader_on_mutated_files(tmp_path_factory, mnist):
+    from serving import idx
+    from serving.errors import InvalidInput
     from training import data
     from training.data import DataError
 
@@ -77,8 +80,8 @@ def test_idx_reader_on_mutated_files(tmp_path_factory, mnist):
         blob = (folder / which).read_bytes() if (folder / which).exists() else None
         if blob is not None:  # the parser alone
             try:
-                arr = data.parse_idx(blob, which, kind)
-            except DataError:
+                arr = idx.parse(blob, kind, which)
+            except InvalidInput:
                 pass
             else:
                 assert arr.dtype == np.uint8 and (arr.shape[1:] == (28, 28) if kind == "images" else arr.ndim == 1)
