@@ -31,10 +31,10 @@ from training.train import RunOptions, fit  # noqa: E402
 
 def time_to(preset: str, target: float, device: str, seed: int, mnist, max_epochs: int | None,
             precision: str) -> dict:
-    cfg = get(preset, eval_every=0.1, epochs=max_epochs)
+    cfg = get(preset, epochs=max_epochs)
     with tempfile.TemporaryDirectory() as tmp:
         report = fit(cfg, RunOptions(out=Path(tmp), device=device, seed=seed, plots=False, quiet=False,
-                                     target_accuracy=target, precision=precision), mnist)
+                                     target_accuracy=target, precision=precision, eval_every=0.1), mnist)
     points = [r for r in report["history"] if r.get("test_accuracy") is not None]
     hit = report["target_reached"]
     best = max(points, key=lambda r: r["test_accuracy"])

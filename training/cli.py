@@ -1,8 +1,11 @@
-"""network3-train: data, train, evaluate (and export, in export.py's command below)."""
+"""network3-train: data, train, evaluate and export.
+
+Each command imports what it needs when it runs, not at the top: torch and onnxruntime take
+seconds to import, and `network3-train -h`, `--version` and `train --list` need neither.
+"""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -21,7 +24,7 @@ def _fail(e: Exception) -> Failure:
     return Failure(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="network3-train")
 def cli() -> None:
     """Train, evaluate and export network3, Nielsen's chapter 6 CNN for MNIST digits."""
@@ -90,9 +93,13 @@ def train(preset, list_presets, epochs, batch_size, lr, weight_decay, device, pr
     import torch
     from .data import DataError
     from .train import RunOptions, fit
-    cfg = get(preset, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, eval_every=eval_every)
-    opts = RunOptions(out=out or Path("runs") / preset, device=device, seed=seed, limit_train=limit_train,
-                      precision=precision, resume=resume, data_dir=data_dir, plots=not no_plots, target_accuracy=target_accuracy)
+    try:
+        cfg = get(preset, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay)
+        opts = RunOptions(out=out or Path("runs") / preset, device=device, seed=seed, limit_train=limit_train,
+                          precision=precision, resume=resume, data_dir=data_dir, plots=not no_plots,
+                          target_accuracy=target_accuracy, eval_every=eval_every or 1.0)
+    except ValueError as e:  # an override the config refuses: a usage error, exit code 2
+        raise click.UsageError(str(e))
     try:
         report = fit(cfg, opts)
     except (DataError, OSError, ValueError, RuntimeError, torch.cuda.OutOfMemoryError) as e:

@@ -20,7 +20,20 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from serving.contract import CLASSES, INPUT_SHAPE
+
+# The choices of every enumerated Config field, written once: Config checks against them, the
+# code that acts on a field (the activations below, train.make_optimizer) handles each of them.
 ACTIVATIONS = ("none", "sigmoid", "relu")
+INITS = ("nielsen", "pytorch")  # network3.py's Gaussians, or PyTorch's default (Kaiming uniform)
+TRAIN_SPLITS = ("train", "train+val")
+AUGMENTS = ("none", "affine")
+OPTIMIZERS = ("sgd", "nesterov", "adamw")
+SCHEDULES = ("constant", "onecycle")
+CHOICES = {
+    "conv_activation": ACTIVATIONS, "fc_activation": ACTIVATIONS, "init": INITS, "train_split": TRAIN_SPLITS,
+    "augment": AUGMENTS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+}
 
 
 @dataclass
@@ -53,7 +66,6 @@ class Config:
     label_smoothing: float = 0.0
     ema: float = 0.0  # decay of a moving average of the weights, which is evaluated and delivered (0: off)
     double_softmax: bool = False  # the seed post's nn.Softmax in front of nn.CrossEntropyLoss
-    eval_every: float = 1.0  # evaluate this fraction of an epoch (1.0 = once an epoch)
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -61,18 +73,36 @@ class Config:
         self.conv_channels = tuple(int(c) for c in self.conv_channels)
         self.fc_sizes = tuple(int(s) for s in self.fc_sizes)
         if len(self.conv_channels) > 2:
-            raise ValueError("network3 has at most two conv-pool layers")
-        for act in (self.conv_activation, self.fc_activation):
-            if act not in ACTIVATIONS:
-                raise ValueError(f"unknown activation {act!r}; choose from {ACTIVATIONS}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError("dropout must be in [0, 1)")
+            raise ValueError(f"conv_channels {self.conv_channels}: network3 has at most two conv-pool layers")
+        for name, sizes in (("conv_channels", self.conv_channels), ("fc_sizes", self.fc_sizes)):
+            if any(n < 1 for n in sizes):
+                raise ValueError(f"{name} {sizes}: every layer needs at least one unit")
+        # A typo must not train silently with another setting (an unknown augment was no augmentation).
+        for name, choices in CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(choices)}")
+        ranges = (  # field, the rule it must meet, the rule in words
+            ("epochs", self.epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("clean_epochs", self.clean_epochs >= 0, ">= 0"),
+            ("lr", self.lr > 0, "> 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+            ("ema", 0 <= self.ema < 1, "in [0, 1)"),
+            ("warmup", 0 < self.warmup < 1, "in (0, 1)"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+        )
+        for name, ok, rule in ranges:
+            if not ok:  # NaN fails every comparison, so it lands here too
+                raise ValueError(f"{name} {getattr(self, name)!r} is out of range; it must be {rule}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        """Unknown keys are ignored: older checkpoints carry fields since moved out (eval_every)."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -82,13 +112,14 @@ def _activation(name: str) -> nn.Module:
 
 
 class Network3(nn.Module):
-    """Input: float32 [N, 1, 28, 28] in [0, 1], white ink on black. Output: logits [N, 10]."""
+    """Input: float32 [N, 1, 28, 28] in [0, 1], white ink on black (serving.contract's INPUT_CONTRACT).
+    Output: logits [N, 10]."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
         layers: list[nn.Module] = []
-        channels, size = 1, 28
+        channels, size = INPUT_SHAPE[0], INPUT_SHAPE[1]
         for out in cfg.conv_channels:
             layers += [nn.Conv2d(channels, out, 5), nn.MaxPool2d(2)]
             if cfg.batchnorm:
@@ -110,7 +141,7 @@ class Network3(nn.Module):
             width = hidden
         if cfg.dropout:
             fc.append(nn.Dropout(cfg.dropout))
-        fc.append(nn.Linear(width, 10))
+        fc.append(nn.Linear(width, CLASSES))
         self.classifier = nn.Sequential(*fc)
         if cfg.init == "nielsen":
             self._nielsen_init()

@@ -1,37 +1,46 @@
 """Train a network3 preset: data resident on the device, batched augmentation, resumable.
 
+The shape of pytorch/examples' mnist/main.py: a loader, `train_epoch`, `split_accuracy`, and
+`fit` calling them once an epoch; `resume` restores a run from `last.pt` in one place and
+`build_report` writes what the run found.
+
 No DataLoader: the whole data set is a uint8 tensor on the device and a batch is an index
-into it, so the hot loop does no per-sample Python.  Each epoch writes `last.pt` (atomic)
-and, when validation improves, `best.pt`; `--resume` continues from `last.pt` exactly (model,
-optimiser, schedule, epoch and the generator that shuffles and augments).
+into it (`DeviceLoader`), so the hot loop does no per-sample Python.  Each epoch writes
+`last.pt` (atomic) and, when validation improves, `best.pt`; `--resume` continues from
+`last.pt` exactly (model, optimiser, schedule, epoch and the generator that shuffles and
+augments).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from serving.preprocess import SCALE
+from serving.contract import SCALE
 from . import data as data_mod
-from .evaluate import evaluate, summarize, scores, torch_predict
+from .checkpoint import CHECKPOINT_VERSION, atomic_save, load_checkpoint, read as read_checkpoint
+from .evaluate import evaluate, scores, torch_predict
 from .model import Config, Network3, count_parameters, loss_fn, param_groups
+from .plots import plot_curves, plot_errors
+from .presets import BOOK_ACCURACY
 
-# 2: batch norm moved after the pool, so a version-1 net with batch norm no longer fits Network3.
-CHECKPOINT_VERSION = 2
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclasses.dataclass
 class RunOptions:
+    """How a run goes, not what it trains: none of these is in the checkpoint's config, so
+    changing one never makes `--resume` refuse a run."""
+
     out: Path
     device: str = "auto"
     seed: int = 0
@@ -44,6 +53,14 @@ class RunOptions:
     target_accuracy: float | None = None
     # "auto": bfloat16 autocast on CUDA, float32 elsewhere; "fp32" or "bf16" to choose.
     precision: str = "auto"
+    # Evaluate on the test set every this fraction of an epoch (1.0: once an epoch, at its end).
+    eval_every: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose auto, fp32 or bf16")
+        if not 0 < self.eval_every <= 1:
+            raise ValueError(f"eval_every {self.eval_every!r} is out of range; it must be in (0, 1]")
 
 
 def pick_device(name: str) -> torch.device:
@@ -58,6 +75,52 @@ def pick_device(name: str) -> torch.device:
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError("--device mps: no MPS device is available")
     return torch.device(name)
+
+
+# ------------------------------------------------------------ data ----
+
+class DeviceLoader:
+    """Mini-batches from uint8 images kept on the device: each batch is an index into them.
+
+    Images stay uint8 (a quarter of the memory of floats) and are scaled per batch with the
+    contract's SCALE.  The last partial batch is dropped, as network3.py drops it.  With
+    `shuffle`, each pass draws its order from `gen` when it starts.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, device: torch.device,
+                 shuffle: bool, gen: torch.Generator):
+        self.steps = steps_per_epoch(len(x), batch_size)
+        self.x = torch.from_numpy(np.ascontiguousarray(x)).to(device).unsqueeze(1)
+        self.y = torch.from_numpy(y.astype(np.int64)).to(device)
+        self.batch_size, self.device, self.shuffle, self.gen = batch_size, device, shuffle, gen
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, b = len(self.x), self.batch_size
+        order = torch.randperm(n, generator=self.gen).to(self.device) if self.shuffle \
+            else torch.arange(n, device=self.device)
+        for step in range(len(self)):
+            idx = order[step * b:(step + 1) * b]
+            yield self.x[idx].float().mul_(SCALE), self.y[idx]
+
+
+def steps_per_epoch(images: int, batch_size: int) -> int:
+    """Full batches in an epoch; ValueError when there is not even one."""
+    if images < batch_size:
+        raise ValueError(f"{images} training images is less than one batch of {batch_size}")
+    return images // batch_size
+
+
+def training_data(cfg: Config, opts: RunOptions, mnist: data_mod.Mnist) -> tuple[np.ndarray, np.ndarray]:
+    """The training split the config names, cut to --limit-train, expanded if the config says so."""
+    x, y = mnist.split(cfg.train_split)
+    if opts.limit_train:
+        x, y = x[:opts.limit_train], y[:opts.limit_train]
+    if cfg.expand:
+        x, y = data_mod.expand(x, y)
+    return x, y
 
 
 # ------------------------------------------------------------ augmentation ----
@@ -80,11 +143,11 @@ class Ema:
     """Exponential moving average of the weights: the net that is evaluated and delivered.
 
     The weights after SGD's last step are a noisy sample; their average over the last
-    ~1/(1 - decay) steps is a better net, most of all early (here `default` first reaches 98.9%
-    after about 0.5 epochs instead of 0.6-0.7).  Batch norm's running statistics are averaged
-    too, so they describe the averaged weights (copying them instead cost a tenth of an epoch).
-    The decay warms up as (1 + step) / (10 + step) until it reaches `decay`, so a short run is
-    not an average dominated by its random start.  One fused lerp a step: about 0.1 ms here.
+    ~1/(1 - decay) steps is a better net, most of all early in a run.  Batch norm's running
+    statistics are averaged too, so they describe the averaged weights rather than the last
+    step's.  The decay warms up as (1 + step) / (10 + step) until it reaches `decay`, so a short
+    run is not an average dominated by its random start.  One fused lerp over all the tensors
+    a step, so the average costs little beside the step itself.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
@@ -98,34 +161,6 @@ class Ema:
     def update(self, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
         torch._foreach_lerp_(*self._pairs, 1 - decay)
-
-
-# ------------------------------------------------------------ checkpoints ----
-
-def atomic_save(obj: dict, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    data_mod.atomic_write(path, lambda f: f.write(buf.getbuffer()))
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Network3, dict]:
-    """Rebuild the net from the config stored beside its weights. weights_only: no code runs."""
-    path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        cfg = Config.from_dict(ckpt["config"])
-        old = ckpt.get("version", 1) < 2 and cfg.batchnorm
-        if not old:
-            model = Network3(cfg)
-            model.load_state_dict(ckpt["model"])
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # pickle errors, zip errors, missing keys: one clear line
-        raise ValueError(f"{path}: not a network3 checkpoint ({str(e).splitlines()[0][:200]})") from None
-    if old:
-        raise ValueError(f"{path}: a version-1 checkpoint with batch norm before the pool, which this network3 "
-                         "no longer builds; retrain it (its exported .onnx still serves)")
-    return model.to(device).eval(), ckpt
 
 
 # ------------------------------------------------------------ progress ----
@@ -146,25 +181,172 @@ class Progress:
             print(("\r" if self.tty else "") + text + ("\x1b[K" if self.tty else ""), file=sys.stderr, flush=True)
 
 
-# ------------------------------------------------------------ training ----
+# ------------------------------------------------------------ the run ----
 
 def make_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
+    """The optimiser and schedule the config names (model.OPTIMIZERS and model.SCHEDULES; Config
+    has refused any other name)."""
     groups = param_groups(model, cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(groups, lr=cfg.lr)
-    elif cfg.optimizer == "nesterov":
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
-    elif cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    else:
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
-    if cfg.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=cfg.warmup)
-    elif cfg.schedule == "constant":
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    else:
-        raise ValueError(f"unknown schedule {cfg.schedule!r}")
-    return opt, sched
+    optimizers = {
+        "sgd": lambda: torch.optim.SGD(groups, lr=cfg.lr),
+        "nesterov": lambda: torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True),
+        "adamw": lambda: torch.optim.AdamW(groups, lr=cfg.lr),
+    }
+    opt = optimizers[cfg.optimizer]()
+    schedules = {
+        "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps,
+                                                                 pct_start=cfg.warmup),
+        "constant": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
+    }
+    return opt, schedules[cfg.schedule]()
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training run holds and a checkpoint saves: the nets, the optimiser and its
+    schedule, the generators, the history and the training clock."""
+
+    cfg: Config
+    device: torch.device
+    model: Network3  # the net the optimiser steps
+    ema: Ema | None  # its moving average, when the config asks for one
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    gen: torch.Generator  # shuffling (and augmentation, except on CUDA)
+    aug_gen: torch.Generator  # augmentation
+    use_amp: bool
+    fmt: torch.memory_format
+    epoch: int = 0  # epochs completed
+    history: list[dict] = dataclasses.field(default_factory=list)
+    best: dict = dataclasses.field(default_factory=lambda: {"val_accuracy": -1.0, "epoch": 0})
+    train_seconds: float = 0.0
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The net that is evaluated, checkpointed as "model" and exported."""
+        return self.ema.module if self.ema else self.model
+
+
+def new_run(cfg: Config, opts: RunOptions, device: torch.device, steps: int) -> Run:
+    """A fresh run: the net initialised from torch's global generator (seeded by `fit`), then
+    the optimiser and the generators, in that order, so a seed always gives the same run."""
+    # channels_last: the layout oneDNN's and cuDNN's fast convolutions use; checkpoints hold
+    # plain tensors either way.
+    fmt = torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
+    model = Network3(cfg).to(device, memory_format=fmt)
+    opt, sched = make_optimizer(cfg, model, steps)
+    gen = torch.Generator(device="cpu").manual_seed(opts.seed)
+    # Augmentation draws its random numbers where the batch lives: on CUDA a host-side draw is a
+    # copy from pageable memory every step, which waits for the GPU and stalls the launch queue.
+    # On a CPU (and MPS) it is the same generator, so CPU runs keep their seeds' results.
+    aug_gen = torch.Generator(device=device).manual_seed(opts.seed) if device.type == "cuda" else gen
+    use_amp = opts.precision == "bf16" or (opts.precision == "auto" and device.type == "cuda")
+    return Run(cfg, device, model, Ema(model, cfg.ema) if cfg.ema else None, opt, sched, gen, aug_gen,
+               use_amp, fmt)
+
+
+def checkpoint_state(run: Run, mnist: data_mod.Mnist, seed: int) -> dict:
+    """What last.pt and best.pt hold (checkpoint format version 2)."""
+    history, device = run.history, run.device
+    return {
+        "version": CHECKPOINT_VERSION, "preset": run.cfg.preset, "config": run.cfg.to_dict(),
+        "model": run.net.state_dict(), "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+        # With an average, the optimiser's own weights too: --resume continues from them.
+        **({"train_model": run.model.state_dict()} if run.ema else {}),
+        "epoch": run.epoch, "history": history, "best": run.best, "train_seconds": run.train_seconds,
+        "rng": {"generator": run.gen.get_state(), "torch": torch.get_rng_state(),
+                **({"augment": run.aug_gen.get_state(), "cuda": torch.cuda.get_rng_state(device)}
+                   if device.type == "cuda" else {})},
+        "data_sha256": mnist.data_sha256, "seed": seed,
+        "val_accuracy": history[-1]["val_accuracy"] if history else None,
+        "test_accuracy": history[-1]["test_accuracy"] if history else None,
+    }
+
+
+def resume(run: Run, path: Path) -> None:
+    """Restore `run` from the checkpoint at `path` (read by checkpoint.read: weights only, one
+    clear line if it is not ours); refused if the checkpoint's config differs from the run's."""
+    ckpt = read_checkpoint(path, run.device)
+    if Config.from_dict(ckpt["config"]) != run.cfg:
+        raise ValueError(f"{path}: its config differs from this run's; resume with the same options")
+    run.model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
+    if run.ema:
+        run.ema.module.load_state_dict(ckpt["model"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    run.sched.load_state_dict(ckpt["scheduler"])
+    # map_location moved every tensor to the device; generator states must be CPU byte tensors.
+    rng = ckpt["rng"]
+    run.gen.set_state(rng["generator"].cpu())
+    torch.set_rng_state(rng["torch"].cpu())
+    if run.aug_gen is not run.gen and "augment" in rng:  # absent from CUDA checkpoints before it
+        run.aug_gen.set_state(rng["augment"].cpu())
+    if "cuda" in rng and run.device.type == "cuda":  # dropout's masks on a GPU
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), run.device)
+    run.epoch, run.history, run.best = ckpt["epoch"], ckpt["history"], ckpt["best"]
+    run.train_seconds = ckpt.get("train_seconds", 0.0)
+
+
+# ------------------------------------------------------------ training and evaluation ----
+
+def split_accuracy(net: torch.nn.Module, device: torch.device, mnist: data_mod.Mnist, split: str = "test") -> float:
+    """The fraction of `split` that `net` classifies right."""
+    x, y = mnist.split(split)
+    return float((scores(torch_predict(net, device), x).argmax(1) == y).mean())
+
+
+def train_epoch(run: Run, loader: DeviceLoader, epoch: int, progress: Progress,
+                check: Callable[[float], bool] | None = None, checks: int = 1) -> dict:
+    """One pass over `loader`, a step per batch; adds its training time to run.train_seconds.
+
+    With `checks` > 1, `check(epoch_so_far)` is called that many times minus one inside the
+    epoch, with the clock stopped; when it returns True the epoch stops there.  Returns the
+    epoch's loss and accuracy sums, the images seen, whether a check stopped it, and how long
+    the checks took.
+    """
+    cfg, model, device = run.cfg, run.model, run.device
+    augment = cfg.augment == "affine" and epoch < cfg.epochs - cfg.clean_epochs
+    steps = len(loader)
+    every = steps // checks if checks > 1 else 0
+    model.train()
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen, stopped, paused = 0, False, 0.0
+    for step, (xb, yb) in enumerate(loader):
+        if augment:
+            xb = random_affine(xb, run.aug_gen)
+        xb = xb.contiguous(memory_format=run.fmt)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.use_amp):
+            logits = model(xb)
+            loss = loss_fn(cfg, logits.float(), yb)
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        run.opt.step()
+        run.sched.step()
+        if run.ema:
+            run.ema.update(run.sched.last_epoch)  # the scheduler counts steps, and resumes with them
+        loss_sum += loss.detach() * len(yb)
+        correct += (logits.argmax(1) == yb).sum()
+        seen += len(yb)
+        # Sub-epoch evaluation (bench-train's time-to-accuracy): the clock stops while we evaluate.
+        if every and (step + 1) % every == 0 and step + 1 < steps:
+            run.train_seconds += _elapsed(t0, device)
+            t_check = time.perf_counter()
+            model.eval()
+            stopped = bool(check and check(epoch + (step + 1) / steps))
+            model.train()
+            paused += time.perf_counter() - t_check
+            t0 = time.perf_counter()
+            if stopped:
+                break
+        if progress.tty and step % 50 == 0:
+            rate = seen / max(time.perf_counter() - t0, 1e-9)
+            progress.step(f"epoch {epoch + 1}/{cfg.epochs} {100 * step // steps:3d}% "
+                          f"loss {loss.item():.4f} {rate:,.0f} img/s")
+    if not stopped:
+        run.train_seconds += _elapsed(t0, device)
+    return {"loss_sum": float(loss_sum), "correct": int(correct), "seen": seen, "stopped": stopped,
+            "paused": paused}
 
 
 def fit(cfg: Config, opts: RunOptions, mnist: data_mod.Mnist | None = None) -> dict:
@@ -175,147 +357,50 @@ def fit(cfg: Config, opts: RunOptions, mnist: data_mod.Mnist | None = None) -> d
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress(opts.quiet)
     mnist = mnist or data_mod.load(opts.data_dir, verbose=not opts.quiet)
-
-    x_np, y_np = mnist.split(cfg.train_split)
-    if opts.limit_train:
-        x_np, y_np = x_np[:opts.limit_train], y_np[:opts.limit_train]
-    if cfg.expand:
-        x_np, y_np = data_mod.expand(x_np, y_np)
     has_val = cfg.train_split == "train" and len(mnist.val_x) > 0
-    # uint8 on the device: a quarter of the memory of floats; scaled per batch with the contract's SCALE.
-    x_all = torch.from_numpy(np.ascontiguousarray(x_np)).to(device).unsqueeze(1)
-    y_all = torch.from_numpy(y_np.astype(np.int64)).to(device)
-    n = len(x_all)
-    steps_per_epoch = n // cfg.batch_size  # network3.py drops the last partial batch too
-    if steps_per_epoch == 0:
-        raise ValueError(f"{n} training images is less than one batch of {cfg.batch_size}")
 
-    # channels_last: oneDNN's (and cuDNN's) fast convolution layout; on this 2-core CPU the
-    # training step ran 1.35x faster with it.  Checkpoints hold plain tensors either way.
-    fmt = torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
-    model = Network3(cfg).to(device, memory_format=fmt)
-    opt, sched = make_optimizer(cfg, model, steps_per_epoch * cfg.epochs)
-    gen = torch.Generator(device="cpu").manual_seed(opts.seed)
-    # Augmentation draws its random numbers where the batch lives: on CUDA a host-side draw is a
-    # copy from pageable memory every step, which waits for the GPU and stalls the launch queue.
-    # On a CPU (and MPS) it is the same generator, so CPU runs keep their seeds' results.
-    aug_gen = torch.Generator(device=device).manual_seed(opts.seed) if device.type == "cuda" else gen
-    if opts.precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"unknown precision {opts.precision!r}; choose auto, fp32 or bf16")
-    use_amp = opts.precision == "bf16" or (opts.precision == "auto" and device.type == "cuda")
-    ema = Ema(model, cfg.ema) if cfg.ema else None
-    net = ema.module if ema else model  # the net that is evaluated, checkpointed as "model" and exported
-    start_epoch, history, best = 0, [], {"val_accuracy": -1.0, "epoch": 0}
-    train_seconds = 0.0
-
+    x, y = training_data(cfg, opts, mnist)
+    run = new_run(cfg, opts, device, steps_per_epoch(len(x), cfg.batch_size) * cfg.epochs)
+    loader = DeviceLoader(x, y, cfg.batch_size, device, cfg.shuffle, run.gen)
     if opts.resume and (out / "last.pt").exists():
-        try:
-            ckpt = torch.load(out / "last.pt", map_location=device, weights_only=True)
-        except Exception as e:  # pickle errors (a file that carries code), zip errors: one clear line
-            raise ValueError(f"{out / 'last.pt'}: not a network3 checkpoint ({str(e).splitlines()[0][:200]})") from None
-        if Config.from_dict(ckpt["config"]) != cfg:
-            raise ValueError(f"{out / 'last.pt'}: its config differs from this run's; resume with the same options")
-        model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
-        if ema:
-            ema.module.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        # map_location moved every tensor to the device; generator states must be CPU byte tensors.
-        gen.set_state(ckpt["rng"]["generator"].cpu())
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if aug_gen is not gen and "augment" in ckpt["rng"]:  # absent from CUDA checkpoints before it
-            aug_gen.set_state(ckpt["rng"]["augment"].cpu())
-        if "cuda" in ckpt["rng"] and device.type == "cuda":  # dropout's masks on a GPU
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
-        start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt["best"]
-        train_seconds = ckpt.get("train_seconds", 0.0)
-        progress.line(f"resumed {out / 'last.pt'} at epoch {start_epoch}")
+        resume(run, out / "last.pt")
+        progress.line(f"resumed {out / 'last.pt'} at epoch {run.epoch}")
 
-    def ckpt_dict(epoch: int) -> dict:
-        return {
-            "version": CHECKPOINT_VERSION, "preset": cfg.preset, "config": cfg.to_dict(),
-            "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            # With an average, the optimiser's own weights too: --resume continues from them.
-            **({"train_model": model.state_dict()} if ema else {}),
-            "epoch": epoch, "history": history, "best": best, "train_seconds": train_seconds,
-            "rng": {"generator": gen.get_state(), "torch": torch.get_rng_state(),
-                    **({"augment": aug_gen.get_state(), "cuda": torch.cuda.get_rng_state(device)}
-                       if device.type == "cuda" else {})},
-            "data_sha256": mnist.data_sha256, "seed": opts.seed,
-            "val_accuracy": history[-1]["val_accuracy"] if history else None,
-            "test_accuracy": history[-1]["test_accuracy"] if history else None,
-        }
+    def reached_target(epoch: float) -> bool:
+        """A sub-epoch evaluation: recorded in the history; True once the target is reached."""
+        acc = split_accuracy(run.net, device, mnist)
+        run.history.append({"epoch": epoch, "test_accuracy": acc, "train_seconds": round(run.train_seconds, 3),
+                            "partial": True})
+        return bool(opts.target_accuracy and acc >= opts.target_accuracy)
 
-    predict = torch_predict(net, device)
-
-    def accuracy(split: str) -> float:
-        px, py = mnist.split(split)
-        return float((scores(predict, px).argmax(1) == py).mean())
-
-    eval_points = max(1, round(1 / cfg.eval_every)) if cfg.eval_every < 1 else 1
+    checks = max(1, round(1 / opts.eval_every)) if opts.eval_every < 1 else 1
     reached = None
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        order = torch.randperm(n, generator=gen).to(device) if cfg.shuffle else torch.arange(n, device=device)
+    for epoch in range(run.epoch, cfg.epochs):
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        seen = 0
-        augment = cfg.augment == "affine" and epoch < cfg.epochs - cfg.clean_epochs
-        for step in range(steps_per_epoch):
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            xb = x_all[idx].float().mul_(SCALE)
-            yb = y_all[idx]
-            if augment:
-                xb = random_affine(xb, aug_gen)
-            xb = xb.contiguous(memory_format=fmt)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(xb)
-                loss = loss_fn(cfg, logits.float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if ema:
-                ema.update(sched.last_epoch)  # the scheduler counts steps, and resumes with them
-            loss_sum += loss.detach() * len(yb)
-            correct += (logits.argmax(1) == yb).sum()
-            seen += len(yb)
-            # Sub-epoch evaluation (bench-train's time-to-accuracy): the clock stops while we evaluate.
-            if eval_points > 1 and (step + 1) % (steps_per_epoch // eval_points) == 0 and step + 1 < steps_per_epoch:
-                train_seconds += _elapsed(t0, device)
-                model.eval()
-                acc = accuracy("test")
-                model.train()
-                history.append({"epoch": epoch + (step + 1) / steps_per_epoch, "test_accuracy": acc,
-                                "train_seconds": round(train_seconds, 3), "partial": True})
-                if opts.target_accuracy and acc >= opts.target_accuracy:
-                    reached = history[-1]
-                    break
-                t0 = time.perf_counter()
-            if progress.tty and step % 50 == 0:
-                rate = seen / max(time.perf_counter() - t0, 1e-9)
-                progress.step(f"epoch {epoch + 1}/{cfg.epochs} {100 * step // steps_per_epoch:3d}% "
-                              f"loss {loss.item():.4f} {rate:,.0f} img/s")
-        train_seconds += _elapsed(t0, device)
-        if reached:
+        stats = train_epoch(run, loader, epoch, progress, reached_target, checks)
+        if stats["stopped"]:
+            reached = run.history[-1]
             break
-        model.eval()
-        val_acc = accuracy("val") if has_val else None
-        test_acc = accuracy("test")
-        row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": float(loss_sum) / seen,
-               "train_accuracy": float(correct) / seen, "val_accuracy": val_acc, "test_accuracy": test_acc,
-               "seconds": round(time.perf_counter() - t0, 3), "train_seconds": round(train_seconds, 3)}
-        history.append(row)
-        improved = (val_acc is None) or val_acc > best["val_accuracy"]
+        run.model.eval()
+        val_acc = split_accuracy(run.net, device, mnist, "val") if has_val else None
+        test_acc = split_accuracy(run.net, device, mnist)
+        seen = stats["seen"]
+        row = {"epoch": epoch + 1, "lr": run.opt.param_groups[0]["lr"], "train_loss": stats["loss_sum"] / seen,
+               "train_accuracy": stats["correct"] / seen, "val_accuracy": val_acc, "test_accuracy": test_acc,
+               # the epoch's wall time with its end-of-epoch evaluation, without the sub-epoch ones
+               "seconds": round(time.perf_counter() - t0 - stats["paused"], 3),
+               "train_seconds": round(run.train_seconds, 3)}
+        run.history.append(row)
+        run.epoch = epoch + 1
+        improved = (val_acc is None) or val_acc > run.best["val_accuracy"]
         if improved:
-            best = {"val_accuracy": val_acc if val_acc is not None else -1.0, "epoch": epoch + 1,
-                    "test_accuracy": test_acc}
-        state = ckpt_dict(epoch + 1)
+            run.best = {"val_accuracy": val_acc if val_acc is not None else -1.0, "epoch": epoch + 1,
+                        "test_accuracy": test_acc}
+        state = checkpoint_state(run, mnist, opts.seed)
         atomic_save(state, out / "last.pt")
         if improved:
             atomic_save(state, out / "best.pt")
-        _write_metrics(out, history)
+        _write_metrics(out, run.history)
         progress.line(f"epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} "
                       f"train {row['train_accuracy']:.4f} val {_fmt(val_acc)} test {test_acc:.4f} "
                       f"({row['seconds']:.1f}s, {seen / max(row['seconds'], 1e-9):,.0f} img/s)")
@@ -323,8 +408,8 @@ def fit(cfg: Config, opts: RunOptions, mnist: data_mod.Mnist | None = None) -> d
             reached = row
             break
 
-    report = _report(cfg, opts, mnist, device, use_amp, out, history, best, train_seconds, reached)
-    report["history"] = history  # returned to callers (bench-train), not written to report.json
+    report = build_report(run, opts, mnist, out, reached)
+    report["history"] = run.history  # returned to callers (bench-train), not written to report.json
     return report
 
 
@@ -349,13 +434,16 @@ def _write_metrics(out: Path, history: list[dict]) -> None:
     data_mod.atomic_write(out / "metrics.jsonl", lambda f: f.write(lines.encode()))
 
 
-def _report(cfg, opts, mnist, device, use_amp, out, history, best, train_seconds, reached) -> dict:
-    from .presets import BOOK_ACCURACY
+# ------------------------------------------------------------ the report ----
+
+def build_report(run: Run, opts: RunOptions, mnist: data_mod.Mnist, out: Path, reached: dict | None) -> dict:
+    """report.json: the run's facts, and best.pt evaluated on the test set; plots if asked."""
+    cfg, device, history = run.cfg, run.device, run.history
     report = {
         "preset": cfg.preset, "config": cfg.to_dict(), "seed": opts.seed,
         "epochs": len([r for r in history if not r.get("partial")]),
-        "train_seconds": round(train_seconds, 2), "device": str(device),
-        "precision": "bf16" if use_amp else "fp32",
+        "train_seconds": round(run.train_seconds, 2), "device": str(device),
+        "precision": "bf16" if run.use_amp else "fp32",
         "torch": torch.__version__, "data_sha256": mnist.data_sha256, "data_source": mnist.source,
         "data_files": mnist.files, "book_accuracy": BOOK_ACCURACY.get(cfg.preset),
         "target_reached": reached,
@@ -372,7 +460,6 @@ def _report(cfg, opts, mnist, device, use_amp, out, history, best, train_seconds
     })
     data_mod.atomic_write(out / "report.json", lambda f: f.write(json.dumps(report, indent=2).encode()))
     if opts.plots:
-        from .plots import plot_curves, plot_errors
         plot_curves(history, out / "curves.png", title=cfg.preset)
         pred = scores(torch_predict(model, device), mnist.test_x).argmax(1)
         plot_errors(mnist.test_x, mnist.test_y, pred, out / "errors.png")

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from training import train as train_mod
 from training.cli import cli
 from training.presets import get
-from training.train import RunOptions, fit, load_checkpoint
+from training.checkpoint import load_checkpoint
+from training.train import RunOptions, fit
 
 
 def test_default_on_5000_images_one_epoch(tmp_path, mnist):
@@ -156,9 +157,9 @@ def test_resume_refuses_a_different_config(tmp_path, mnist):
 
 
 def test_target_accuracy_stops_early_and_counts_only_training_time(tmp_path, mnist):
-    cfg = get("default", epochs=2, eval_every=0.25)
+    cfg = get("default", epochs=2)
     report = fit(cfg, RunOptions(out=tmp_path, device="cpu", limit_train=4000, plots=False, quiet=True,
-                                 target_accuracy=0.5), mnist)
+                                 target_accuracy=0.5, eval_every=0.25), mnist)
     reached = report["target_reached"]
     assert reached and reached["test_accuracy"] >= 0.5 and reached["epoch"] <= 1
     assert 0 < reached["train_seconds"]
@@ -187,6 +188,7 @@ def test_cli_trains_and_evaluates(tmp_path):
     (["train", "--device", "tpu"], 2, "--device"),
     (["train", "--precision", "fp16"], 2, "--precision"),
     (["train", "--weight-decay", "-1"], 2, "--weight-decay"),
+    (["train", "--weight-decay", "nan"], 2, "weight_decay nan is out of range"),  # past click, caught by Config
     (["evaluate", "/does/not/exist.pt"], 2, "does not exist"),
 ])
 def test_cli_usage_errors(args, code, message):
@@ -222,3 +224,39 @@ def test_cli_lists_presets():
     res = CliRunner().invoke(cli, ["train", "--list"])
     assert res.exit_code == 0
     assert "nielsen-dropout" in res.output and "blog" in res.output
+
+
+def test_resume_accepts_a_different_eval_every(tmp_path, mnist, monkeypatch):
+    """eval_every is how a run is watched, not what it trains: a run option outside the config,
+    so a run resumed with another one is accepted (and a checkpoint that still carries it too)."""
+    cfg = get("default", epochs=2, batch_size=64)
+    opts = dict(device="cpu", limit_train=640, plots=False, quiet=True)
+    real_step, calls = torch.optim.lr_scheduler.OneCycleLR.step, []
+
+    def step(self, *a, **k):  # interrupted in epoch 2 (10 steps an epoch), as Ctrl-C would
+        calls.append(1)
+        if len(calls) == 15:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.OneCycleLR, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, RunOptions(out=tmp_path, eval_every=1.0, **opts), mnist)
+    monkeypatch.setattr(torch.optim.lr_scheduler.OneCycleLR, "step", real_step)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and "eval_every" not in ckpt["config"]
+    ckpt["config"]["eval_every"] = 1.0  # as checkpoints written before it moved carry it
+    torch.save(ckpt, tmp_path / "last.pt")
+
+    report = fit(cfg, RunOptions(out=tmp_path, resume=True, eval_every=0.5, **opts), mnist)
+    assert report["epochs"] == 2 and report["best_epoch"] == 2
+    assert [r["epoch"] for r in report["history"] if r.get("partial")] == [1.5]  # evaluated half-way
+
+
+def test_cli_help_with_h_as_with_help():
+    runner = CliRunner()
+    long, short = runner.invoke(cli, ["--help"]), runner.invoke(cli, ["-h"])
+    assert long.exit_code == short.exit_code == 0 and short.output == long.output
+    assert "Usage:" in short.output and "train" in short.output
+    sub = runner.invoke(cli, ["train", "-h"])  # the group's context settings reach its commands
+    assert sub.exit_code == 0 and "--preset" in sub.output
