@@ -1,7 +1,8 @@
 """network3-train: data, train, evaluate and export.
 
-Each command imports what it needs when it runs, not at the top: torch and onnxruntime take
-seconds to import, and `network3-train -h`, `--version` and `train --list` need neither.
+Only training.data (numpy) is imported at the top.  Each command imports the modules that
+bring torch or onnxruntime when it runs: those take seconds to import, and `network3-train -h`,
+`--version` and `data` need neither.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .data import DataError, load
 
 
 class Failure(click.ClickException):
@@ -36,7 +38,6 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def data(data_dir: Path | None, as_json: bool) -> None:
     """Fetch, check and cache MNIST; print where it came from and its hashes."""
-    from .data import DataError, load
     try:
         d = load(data_dir)
     except (DataError, OSError) as e:
@@ -91,7 +92,6 @@ def train(preset, list_presets, epochs, batch_size, lr, weight_decay, device, pr
         raise click.BadParameter(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}",
                                  param_hint="--preset")
     import torch
-    from .data import DataError
     from .train import RunOptions, fit
     try:
         cfg = get(preset, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay)
@@ -123,7 +123,6 @@ def train(preset, list_presets, epochs, batch_size, lr, weight_decay, device, pr
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="As for `data`.")
 def evaluate(model: Path, device: str, as_json: bool, data_dir: Path | None) -> None:
     """Test accuracy, per-digit accuracy and confusion matrix of a checkpoint (.pt) or model (.onnx)."""
-    from .data import DataError, load
     from .evaluate import evaluate as run_eval, format_report, load_predictor
     try:
         d = load(data_dir, verbose=not as_json)
@@ -151,7 +150,6 @@ def evaluate(model: Path, device: str, as_json: bool, data_dir: Path | None) -> 
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 def export(checkpoints, out, opset, quantize, triton_repo, data_dir, as_json) -> None:
     """Export CHECKPOINT(s) to ONNX, checked against PyTorch on the test set (several: one ensemble)."""
-    from .data import DataError, load
     from .export import ExportError, export_onnx
     say = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
     try:

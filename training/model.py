@@ -123,8 +123,8 @@ class Network3(nn.Module):
         for out in cfg.conv_channels:
             layers += [nn.Conv2d(channels, out, 5), nn.MaxPool2d(2)]
             if cfg.batchnorm:
-                # After the pool, where it normalises a quarter of the values: on a 2-core CPU,
-                # batch norm on the full conv output was a third of the training step.
+                # After the pool, where it normalises a quarter of the values (2x2 pooling):
+                # batch norm costs in proportion to what it normalises.
                 layers.append(nn.BatchNorm2d(out))
             layers.append(_activation(cfg.conv_activation))
             channels, size = out, (size - 4) // 2

@@ -10,6 +10,9 @@ from .data import atomic_write
 
 
 def _figure():
+    # matplotlib is imported here, not at the top: it is slow to import and only runs that draw
+    # plots need it (train.py imports this module for every run, --no-plots ones too), and the
+    # backend must be chosen before pyplot is imported.
     import matplotlib
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt

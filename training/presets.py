@@ -79,8 +79,8 @@ PRESETS: dict[str, Config] = {
     ),
     "default": _DEFAULT,
     # A GPU runs network3's small steps in about the same time at batch 64 or 512 (it waits on
-    # launches, not arithmetic), so fewer, larger steps reach 99% sooner: under a second on an
-    # H100, where `default` takes about two.  On a CPU the step grows with the batch instead.
+    # kernel launches, not arithmetic), so fewer, larger steps reach 99% sooner there; on a CPU
+    # the step grows with the batch instead.  The timings are in the docs (bench-train).
     "fast": dataclasses.replace(
         _DEFAULT, preset="fast", lr=0.8, batch_size=512, ema=0.9, epochs=2,
         notes="default's recipe for time to 99% on a GPU: batch 512 at lr 0.8, two epochs "

@@ -1,8 +1,8 @@
 """`--quantize int8`: onnxruntime static quantization, calibrated on training images, guarded by accuracy.
 
 QDQ format, int8 weights per output channel in onnxruntime's reduced (7-bit) range, uint8
-activations with MinMax ranges from 1,000 training images.  Only Conv, Gemm and MatMul are quantized (where the weights and the time
-are); the classifier head (the Gemm whose output becomes the logits) stays float32, so the
+activations with MinMax ranges from 1,000 training images.  Only Conv, Gemm and MatMul are
+quantized (where the weights and the time are); the classifier head (the Gemm whose output becomes the logits) stays float32, so the
 logits and probabilities the server returns keep their precision and ties cannot appear from
 rounding.  Parity within 1e-5 cannot hold for an int8 net, so its own guard replaces it: the
 export is refused if test accuracy drops more than 0.1 percentage point below float32's.
@@ -12,8 +12,8 @@ onnxruntime's uint8 x int8 kernels multiply with `vpmaddubsw`, which adds two u8
 into a saturating int16.  With full-range weights (|q| up to 128) that pair can reach
 2 * 255 * 128 = 65,280 and saturates at 32,767, so the same file loses accuracy on those CPUs
 only; onnxruntime's quantization guide recommends reduce_range there.  With weights in
-[-64, 64] the pair is at most 2 * 255 * 64 = 32,640: it cannot saturate, so the file computes
-the same on every x86-64 CPU, and the accuracy checked at export holds wherever it is served.
+[-64, 64] the pair is at most 2 * 255 * 64 = 32,640: it cannot saturate, on any x86-64 CPU, so
+the accuracy checked at export holds wherever the file is served, not only on a VNNI machine.
 Activations keep their full uint8 range (reduce_range applies to weights only).
 """
 from __future__ import annotations
@@ -89,7 +89,9 @@ def quantize_int8(model: onnx.ModelProto, data: Mnist, *, float32_accuracy: floa
         onnx.save_model(model, src)
         root = logging.getLogger()
         level = root.level
-        root.setLevel(logging.ERROR)  # the quantizer advises pre-processing on the root logger: measured, no gain here
+        # The quantizer advises pre-processing on the root logger; tried on this graph it changed
+        # nothing, so the advice would only be noise in the export's output.
+        root.setLevel(logging.ERROR)
         try:
             quantize_static(src, dst, _Calibration(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
                             weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
