@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from serving.launch import ServerProcess  # noqa: E402
+
 
 def write_pngs(folder: Path, count: int, data_dir: str | None) -> None:
     from PIL import Image
@@ -38,22 +40,6 @@ def write_pngs(folder: Path, count: int, data_dir: str | None) -> None:
         d = folder / str(int(mnist.test_y[k]))
         d.mkdir(exist_ok=True)
         Image.fromarray(mnist.test_x[k]).save(d / f"{i:05d}.png")
-
-
-def start_server(model: str, args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    f = open(log, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "serving.server", "--model", model, "--port", "0",
-                             "--no-access-log", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        m = re.search(r"network3 serving on (127\.0\.0\.1:\d+)", log.read_text(errors="replace"))
-        if m:
-            return proc, m.group(1)
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited:\n{log.read_text()}")
-        time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("server did not start in 120 s")
 
 
 def classify(folder: Path, extra: list[str]) -> dict:
@@ -87,7 +73,8 @@ def main() -> None:
         t = time.perf_counter()
         write_pngs(folder, a.count, a.data_dir)
         print(f"wrote {a.count:,} PNG files in {time.perf_counter() - t:.1f} s", flush=True)
-        proc, address = start_server(a.model, a.server_args.split(), Path(tmp) / "server.log")
+        server = ServerProcess(a.model, "--no-access-log", *a.server_args.split(), log=Path(tmp) / "server.log")
+        address = server.address
         extra = a.client_args.split()
         modes = {
             "server": ["--server", address, *extra],
@@ -104,8 +91,7 @@ def main() -> None:
                     print(f"run {r + 1}: {mode:<26} {res['wall_s']:6.2f} s  {res['images_per_s']:8,.0f} images/s"
                           f"  (in-job {res['job_images_per_s']:,.0f}/s)", flush=True)
         finally:
-            proc.terminate()
-            proc.wait(30)
+            server.stop(30)
 
     best = {m: max(rs, key=lambda r: r["images_per_s"]) for m, rs in runs.items()}
     local = best["local"]["images_per_s"]
