@@ -33,7 +33,6 @@ import numpy as np
 from serving import idx
 from serving.contract import SIDE
 from serving.errors import InvalidInput
-from serving.idx import to_idx  # noqa: F401  (re-exported: tests and benchmarks write IDX files through training.data)
 
 SPLITS = ("train", "val", "test")
 

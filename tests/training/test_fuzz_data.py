@@ -50,13 +50,14 @@ def mutate_bytes(draw, seed: bytes) -> bytes:
 def test_idx_reader_on_mutated_files(tmp_path_factory, mnist):
     from serving import idx
     from serving.errors import InvalidInput
+    from serving.idx import to_idx
     from training import data
     from training.data import DataError
 
     folder = tmp_path_factory.mktemp("idx-fuzz")
-    images = data.to_idx(mnist.train_x[:10_001])
-    labels = data.to_idx(mnist.train_y[:10_001])
-    test_images, test_labels = data.to_idx(mnist.test_x[:3]), data.to_idx(mnist.test_y[:3])
+    images = to_idx(mnist.train_x[:10_001])
+    labels = to_idx(mnist.train_y[:10_001])
+    test_images, test_labels = to_idx(mnist.test_x[:3]), to_idx(mnist.test_y[:3])
     for name, blob in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels),
                        ("t10k-images-idx3-ubyte", test_images), ("t10k-labels-idx1-ubyte", test_labels)):
         (folder / name).write_bytes(blob)
