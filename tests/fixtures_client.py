@@ -12,9 +12,12 @@ import pytest
 from PIL import Image
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def predict(onnx_model):
-    """uint8 MNIST-format pixels [N, 28, 28] -> predicted digits [N], through the exported model."""
+    """uint8 MNIST-format pixels [N, 28, 28] -> predicted digits [N], through the folder's model.
+
+    Module scope, not session: tests/serving and tests/training each have their own
+    `onnx_model`, and pytest caches a session fixture once, whichever folder asked first."""
     from serving.contract import SIDE
     from serving.model import ModelOptions, load_model
     from serving.preprocess import pixels_to_input

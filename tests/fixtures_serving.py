@@ -87,7 +87,9 @@ def thread_server(model: Path, **kw):
 
 @pytest.fixture(scope="session")
 def server(onnx_model):
-    """One shared server for the many small tests: small limits so they are cheap to hit."""
+    """One shared server for the many small tests: small limits so they are cheap to hit.
+    Session-scoped, so it serves the `onnx_model` of the first folder that asks: only
+    tests/serving uses it (tests/training would need a module-scoped one of its own)."""
     with thread_server(onnx_model, metrics_port=0, access_log=True,
                        limits={"max_pixels": 1_000_000, "max_message_bytes": 4 * 1024 * 1024,
                                "max_images_per_request": 256}) as s:
