@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from serving.launch import ServerProcess  # noqa: E402
+from serving.launch import ServerProcess, perf_analyzer  # noqa: E402
 
 REFERENCE_READY = re.compile(r"^reference serving on (\S+):(\d+)$", re.MULTILINE)
 
@@ -58,19 +58,11 @@ class Result:
 # ----------------------------------------------------------------------- perf_analyzer --
 
 def perf_analyzer_env() -> tuple[Path, dict]:
-    binary = Path(sys.executable).parent / "perf_analyzer"
-    env = dict(os.environ)
-    try:
-        import nvidia.cuda_runtime
-        libs = [str(Path(p) / "lib") for p in nvidia.cuda_runtime.__path__]
-        env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")])
-    except ImportError:
-        pass
-    r = subprocess.run([str(binary), "--version"], capture_output=True, text=True, env=env) if binary.exists() else None
-    if r is None or r.returncode != 0:
-        sys.exit(f"perf_analyzer does not run here ({binary}): it needs Debian's libb64-0d and PyPI "
-                 f"nvidia-cuda-runtime-cu12 (`make bench-serve` installs both)\n{r.stderr if r else ''}")
-    return binary, env
+    found = perf_analyzer()
+    if found is None:
+        sys.exit("perf_analyzer does not run here: it needs Debian's libb64-0d and PyPI's "
+                 "nvidia-cuda-runtime-cu12 (`make bench-serve` installs both)")
+    return found
 
 
 def run_perf(binary, env, address: str, images: int, concurrency: int, interval_ms: int, server: str) -> Result:

@@ -130,3 +130,21 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def perf_analyzer() -> tuple[Path, dict] | None:
+    """Triton's perf_analyzer from the tritonclient wheel beside this Python, and the environment
+    it runs in (PyPI's nvidia-cuda-runtime-cu12 on LD_LIBRARY_PATH: it loads libcudart even on a
+    CPU), or None when it cannot run here (Debian's libb64-0d missing, say)."""
+    binary = Path(sys.executable).parent / "perf_analyzer"
+    if not binary.exists():
+        return None
+    env = dict(os.environ)
+    try:
+        import nvidia.cuda_runtime  # an optional package: only perf_analyzer needs it
+        libs = [str(Path(p) / "lib") for p in nvidia.cuda_runtime.__path__]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")])
+    except ImportError:
+        pass
+    r = subprocess.run([str(binary), "--version"], capture_output=True, env=env)
+    return (binary, env) if r.returncode == 0 else None

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fixtures_serving import ROOT, ProcessServer
+from serving.launch import perf_analyzer
 
 
 @pytest.fixture(scope="module")
@@ -98,24 +97,8 @@ def test_statistics_count_what_was_served(probe):
     assert int(stats["inference_stats"]["success"]["count"]) >= 4
 
 
-def _perf_analyzer() -> tuple[Path, dict] | None:
-    """perf_analyzer from the tritonclient wheel, if its shared libraries load here."""
-    binary = Path(sys.executable).parent / "perf_analyzer"
-    if not binary.exists():
-        return None
-    env = dict(os.environ)
-    try:
-        import nvidia.cuda_runtime  # PyPI nvidia-cuda-runtime-cu12 provides libcudart.so.12
-        libs = [str(Path(p) / "lib") for p in nvidia.cuda_runtime.__path__]
-        env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")])
-    except ImportError:
-        pass
-    r = subprocess.run([str(binary), "--version"], capture_output=True, env=env)
-    return (binary, env) if r.returncode == 0 else None
-
-
 def test_perf_analyzer_runs_against_the_server(triton_server, tmp_path):
-    found = _perf_analyzer()
+    found = perf_analyzer()
     if found is None:
         pytest.skip("perf_analyzer cannot load here (needs libb64-0d and nvidia-cuda-runtime-cu12; `make bench-serve` installs them)")
     binary, env = found
