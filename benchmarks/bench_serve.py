@@ -34,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from serving.contract import INPUT_NAME, INPUT_SHAPE, MODEL_NAME  # noqa: E402
 from serving.launch import ServerProcess, perf_analyzer  # noqa: E402
 
 REFERENCE_READY = re.compile(r"^reference serving on (\S+):(\d+)$", re.MULTILINE)
@@ -68,7 +69,7 @@ def perf_analyzer_env() -> tuple[Path, dict]:
 def run_perf(binary, env, address: str, images: int, concurrency: int, interval_ms: int, server: str) -> Result:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "perf.csv"
-        base = [str(binary), "-m", "network3", "-u", address, "-i", "grpc", "--input-data", "zero",
+        base = [str(binary), "-m", MODEL_NAME, "-u", address, "-i", "grpc", "--input-data", "zero",
                 "-b", str(images), "--concurrency-range", str(concurrency), "--measurement-interval", str(interval_ms),
                 "-f", str(out)]
         note = ""
@@ -146,9 +147,9 @@ def profile(model_path: Path, threads: int) -> list[tuple[str, float]]:
     stats = Stats()
     serving = Serving(batcher=DynamicBatcher(model, stats=stats), stats=stats, access=AccessLog(stream=io.StringIO()))
     ours, ref, ctx = InferenceServicer(serving), Reference(str(model_path), threads), Context()
-    x = np.zeros((1, 1, 28, 28), np.float32)
-    request = pb.ModelInferRequest(model_name="network3", inputs=[pb.ModelInferRequest.InferInputTensor(
-        name="images", datatype="FP32", shape=[1, 1, 28, 28])], raw_input_contents=[x.tobytes()])
+    x = np.zeros((1, *INPUT_SHAPE), np.float32)
+    request = pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
+        name=INPUT_NAME, datatype="FP32", shape=list(x.shape))], raw_input_contents=[x.tobytes()])
     wire = request.SerializeToString()
     limit = serving.limits.max_images_per_request
     xin, outs = codec.request_input(request, limit), codec.requested_outputs(request)

@@ -37,6 +37,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from serving.contract import INPUT_NAME, INPUT_SHAPE, MODEL_NAME  # noqa: E402
 from serving.launch import ServerProcess  # noqa: E402
 
 HOST = "127.0.0.1"  # the only address any load goes to
@@ -64,9 +65,9 @@ def make_requests(kind: str, n: int, pixels: np.ndarray, pngs: list[bytes]):
         return pb.ClassifyRequest(images=[pb.Image(pixels=p.tobytes()) for p in pixels[:n]])
     if kind == "png":
         return pb.ClassifyRequest(images=[pb.Image(encoded=b) for b in pngs[:n]])
-    x = pixels[:n].reshape(n, 1, 28, 28)
-    return v2.ModelInferRequest(model_name="network3", inputs=[v2.ModelInferRequest.InferInputTensor(
-        name="images", datatype="UINT8", shape=[n, 1, 28, 28])], raw_input_contents=[x.tobytes()])
+    x = pixels[:n].reshape(n, *INPUT_SHAPE)
+    return v2.ModelInferRequest(model_name=MODEL_NAME, inputs=[v2.ModelInferRequest.InferInputTensor(
+        name=INPUT_NAME, datatype="UINT8", shape=list(x.shape))], raw_input_contents=[x.tobytes()])
 
 
 def digits_of(response) -> list[int]:
