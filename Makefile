@@ -64,9 +64,8 @@ bench: bench-train bench-export bench-serve bench-client bench-preprocess ## eve
 
 # The book's table: every nielsen-* preset x 3 seeds into runs/book/, resumable: run it again
 # after an interruption (hours on a CPU; BOOK_ARGS="--workers 6" on a GPU box, DEVICE=cuda).
-# BOOK_BATCH=10: the book's own mini-batch and eta, into runs/book10/ (on this CPU 1.0-1.6x
-# the time of batch 100, 1.6-1.9x with dropout; closer to the book's figures except for dropout:
-# see docs/results.md).
+# BOOK_BATCH=10: the book's own mini-batch and eta, into runs/book10/ (slower than batch 100;
+# what it costs and gains is in docs/results.md).
 BOOK_BATCH ?= 100
 book: install ## the book's table: every nielsen-* preset x 3 seeds, resumable (hours on a CPU)
 	$(PY) benchmarks/book.py run --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE)) --batch-size $(BOOK_BATCH) $(BOOK_ARGS)
