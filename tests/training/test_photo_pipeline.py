@@ -51,7 +51,7 @@ def test_harder_sheet_photos(mnist, predict, kind):
 
 
 def test_font_digits(predict):
-    """Every font on this machine (DejaVu and matplotlib's Computer Modern and STIX at least)."""
+    """Every font installed where the tests run (DejaVu and matplotlib's Computer Modern and STIX at least)."""
     items = S.font_set(5)
     assert len(items) >= 100
     assert accuracy(predict, items) >= 0.85
