@@ -7,6 +7,7 @@ bring torch or onnxruntime when it runs: those take seconds to import, and `netw
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -177,7 +178,12 @@ def export(checkpoints, out, opset, quantize, triton_repo, data_dir, as_json) ->
 
 
 def main() -> None:
-    cli(prog_name="network3-train")
+    try:
+        cli(prog_name="network3-train")
+    except ModuleNotFoundError as e:  # a server host's install: the [train] extra is missing
+        click.echo(f"network3-train: {e.name} is not installed; training needs the [train] extra: "
+                   "pip install 'network3[train]'", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -32,3 +32,15 @@ def test_the_serving_environment_has_no_torch():
     if os.environ.get("NETWORK3_SERVING_ONLY") != "1":
         pytest.skip("only in the serving-only environment (make test-serving)")
     assert importlib.util.find_spec("torch") is None, "torch is installed in the serving-only environment"
+
+
+def test_training_cli_without_torch_says_what_to_install(tmp_path):
+    """On a server host `network3-train` is installed too (one distribution): without torch it
+    ends with one line naming the extra to install, not a traceback."""
+    if os.environ.get("NETWORK3_SERVING_ONLY") != "1":
+        pytest.skip("only in the serving-only environment (make test-serving)")
+    r = subprocess.run([sys.executable, "-m", "training.cli", "train", "--epochs", "1", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and "pip install 'network3[train]'" in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
