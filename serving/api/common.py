@@ -182,55 +182,71 @@ def rpc(request_type, *, images: Callable = _no_images, model_call: bool = False
         if inspect.isasyncgenfunction(fn):
             @functools.wraps(fn)
             async def streaming(self, request_iterator, context):
-                serving, t0, code, tally = self.serving, now(), "OK", [0]
+                serving, call, tally = self.serving, _Call(), [0]
                 serving.inflight += 1
                 try:
-                    if serving.draining:
-                        raise Unavailable("server is shutting down: retry on another replica")
+                    _refuse_if_draining(serving)
                     async for response in fn(self, _parsed(request_iterator, parse, images, self, tally), context):
                         yield response
                 except (asyncio.CancelledError, GeneratorExit):  # the client went away
-                    code = "CANCELLED"
+                    call.code = "CANCELLED"
                     raise
                 except Exception as e:
-                    code, status, message = _outcome(e, context, self.API, method)
-                    if status is None:
-                        raise
-                    await context.abort(status, message)
+                    await _fail(call, e, context, self.API, method)
                 finally:
                     serving.inflight -= 1
-                    _record(serving, self.API, method, code, tally[0], now() - t0, False, context)
+                    _record(serving, self.API, method, call.code, tally[0], now() - call.t0, False, context)
 
             return streaming
 
         @functools.wraps(fn)
         async def unary(self, raw, context):
-            serving, t0, code, request = self.serving, now(), "OK", None
+            serving, call, request = self.serving, _Call(), None
             serving.inflight += 1
             try:
-                if serving.draining:
-                    raise Unavailable("server is shutting down: retry on another replica")
+                _refuse_if_draining(serving)
                 request = parse(raw)
                 return await fn(self, request, context)
             except asyncio.CancelledError:
-                code = "CANCELLED"
+                call.code = "CANCELLED"
                 raise
             except Exception as e:
-                code, status, message = _outcome(e, context, self.API, method)
-                if status is None:
-                    raise
-                await context.abort(status, message)
+                await _fail(call, e, context, self.API, method)
             finally:
                 serving.inflight -= 1
                 try:
                     n = images(self, request) if request is not None else 0
                 except Exception:
                     n = 0
-                _record(serving, self.API, method, code, n, now() - t0, model_call, context, request, request_id)
+                _record(serving, self.API, method, call.code, n, now() - call.t0, model_call, context, request,
+                        request_id)
 
         return unary
 
     return wrap
+
+
+class _Call:
+    """One RPC under way: when it started and the status code name it ends with."""
+
+    __slots__ = ("t0", "code")
+
+    def __init__(self) -> None:
+        self.t0, self.code = now(), "OK"
+
+
+def _refuse_if_draining(serving: Serving) -> None:
+    if serving.draining:
+        raise Unavailable("server is shutting down: retry on another replica")
+
+
+async def _fail(call: _Call, e: Exception, context, api: str, method: str) -> None:
+    """End a failed RPC with its status (see _outcome); an abort the handler made itself is
+    raised again as it is."""
+    call.code, status, message = _outcome(e, context, api, method)
+    if status is None:
+        raise e
+    await context.abort(status, message)
 
 
 def _record(serving: Serving, api: str, method: str, code: str, images: int, seconds: float, model_call: bool,
