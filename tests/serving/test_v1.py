@@ -1,0 +1,349 @@
+"""The /v1 HTTP API against a real server on a free port: raw bodies as curl sends them,
+multipart with a bad part, refusals, top_k, the input preview, /v1/model, every path of the
+OpenAPI document, and the page's static files with path traversal refused."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import http.client as hc
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fixtures_serving import png
+
+LIMITS = {"max_pixels": 1_000_000, "max_images_per_request": 8}
+
+
+@dataclass
+class Http:
+    base: str  # http://127.0.0.1:PORT
+    serving: object  # serving.api.common.Serving
+
+    @property
+    def port(self) -> int:
+        return int(self.base.rsplit(":", 1)[1])
+
+
+@contextmanager
+def http_server(model, limits=LIMITS, **kw):
+    """A real server with HTTP on a free port: the project's thread_server when it serves HTTP
+    (serving.api.http), else an aiohttp app around a Serving with only the /v1 routes."""
+    from serving.server import ServerOptions
+
+    if "http_port" in getattr(ServerOptions, "__dataclass_fields__", {}):
+        from fixtures_serving import thread_server
+
+        with thread_server(model, http_port=0, limits=dict(limits), **kw) as s:
+            port = getattr(s, "http_port", None) or s.server.http_port
+            yield Http(f"http://127.0.0.1:{port}", s.server.serving)
+        return
+    with _bare_http(model, limits) as h:
+        yield h
+
+
+@contextmanager
+def _bare_http(model_path, limits):
+    from aiohttp import web
+
+    from serving.api.common import Limits, Serving
+    from serving.api.v1 import add_routes
+    from serving.batcher import BatcherOptions, DynamicBatcher
+    from serving.errors import InvalidInput, Network3Error, Overloaded
+    from serving.metrics import Stats
+    from serving.model import load_model
+
+    @web.middleware
+    async def errors(request, handler):
+        try:
+            return await handler(request)
+        except Network3Error as e:
+            status = 400 if isinstance(e, InvalidInput) else 413 if isinstance(e, Overloaded) else 503
+            return web.json_response({"error": str(e)}, status=status)
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def call(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
+
+    async def start():
+        stats = Stats()
+        serving = Serving(batcher=DynamicBatcher(load_model(model_path), BatcherOptions(), stats), stats=stats,
+                          limits=Limits(**limits))
+        app = web.Application(middlewares=[errors])
+        add_routes(app, serving)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, serving, runner.addresses[0][1]
+
+    runner, serving, port = call(start())
+    try:
+        yield Http(f"http://127.0.0.1:{port}", serving)
+    finally:
+        call(runner.cleanup())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def http(onnx_model):
+    with http_server(onnx_model) as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def model(onnx_model):
+    from serving.model import load_model
+    return load_model(onnx_model)
+
+
+def predict(model, pixels: np.ndarray) -> np.ndarray:
+    """The served model's own probabilities for uint8 MNIST-format images [N, 28, 28]."""
+    from serving.preprocess import pixels_to_input
+    return model.predict(pixels_to_input(pixels))[1]
+
+
+# ------------------------------------------------------------------------------- helpers --
+
+def request(base: str, path: str, data: bytes | None = None, headers: dict | None = None, method: str | None = None):
+    """(status, headers, body bytes); urllib sends a body with curl --data-binary's default
+    Content-Type, application/x-www-form-urlencoded."""
+    req = urllib.request.Request(base + path, data=data, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def post_json(base: str, path: str, data: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    status, _, body = request(base, path, data, headers)
+    return status, json.loads(body)
+
+
+def multipart(parts: list[tuple[str, str | None, bytes]]) -> tuple[bytes, str]:
+    """[(name, filename or None, bytes)] -> (body, Content-Type)."""
+    boundary = uuid.uuid4().hex
+    out = io.BytesIO()
+    for name, filename, data in parts:
+        out.write(f"--{boundary}\r\n".encode())
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out.write(f"Content-Disposition: {disposition}\r\nContent-Type: application/octet-stream\r\n\r\n".encode())
+        out.write(data + b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def raw_get(port: int, path: str) -> tuple[int, bytes]:
+    """GET with the path sent exactly as written (urllib would normalise some)."""
+    conn = hc.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.putrequest("GET", path, skip_accept_encoding=True)
+        conn.endheaders()
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def check_prediction(p: dict, probs: np.ndarray) -> None:
+    assert set(p) >= {"digit", "confidence", "probabilities"}
+    assert p["digit"] == int(probs.argmax())
+    assert len(p["probabilities"]) == 10
+    np.testing.assert_allclose(p["probabilities"], probs, atol=2e-6)
+    assert p["confidence"] == pytest.approx(float(probs.max()), abs=2e-6)
+
+
+# --------------------------------------------------------------------------------- tests --
+
+def test_raw_body_as_curl_sends_it(http, model, digits):
+    x, _ = digits
+    probs = predict(model, x[:8])
+    for i in range(8):
+        status, body = post_json(http.base, "/v1/classify", png(x[i]))
+        assert status == 200, body
+        assert len(body["predictions"]) == 1
+        p = body["predictions"][0]
+        check_prediction(p, probs[i])
+        assert "error" not in p and "source" not in p and "input" not in p and "top_k" not in p
+
+
+def test_raw_body_with_no_or_any_content_type(http, model, digits):
+    x, _ = digits
+    probs = predict(model, x[:1])[0]
+    for headers in ({"Content-Type": "image/png"}, {"Content-Type": "text/plain"}):
+        status, body = post_json(http.base, "/v1/classify", png(x[0]), headers)
+        assert status == 200, body
+        check_prediction(body["predictions"][0], probs)
+    # no Content-Type header at all
+    c = hc.HTTPConnection("127.0.0.1", http.port, timeout=30)
+    try:
+        c.putrequest("POST", "/v1/classify", skip_accept_encoding=True)
+        data = png(x[0])
+        c.putheader("Content-Length", str(len(data)))
+        c.endheaders(data)
+        r = c.getresponse()
+        assert r.status == 200
+        check_prediction(json.loads(r.read())["predictions"][0], probs)
+    finally:
+        c.close()
+
+
+def test_multipart_answers_in_order_with_a_bad_part_in_place(http, model, digits):
+    x, _ = digits
+    probs = predict(model, x[:3])
+    body, content_type = multipart([("a", "one.png", png(x[0])), ("whatever", "notes.txt", b"not an image at all"),
+                                    ("b", None, png(x[1])), ("images", "three.png", png(x[2]))])
+    status, answer = post_json(http.base, "/v1/classify", body, {"Content-Type": content_type})
+    assert status == 200, answer
+    ps = answer["predictions"]
+    assert [p["source"] for p in ps] == ["one.png", "notes.txt", "b", "three.png"]
+    check_prediction(ps[0], probs[0])
+    assert "digit" not in ps[1] and ps[1]["code"] == "INVALID_ARGUMENT"
+    assert "not an image" in ps[1]["error"]
+    check_prediction(ps[2], probs[1])
+    check_prediction(ps[3], probs[2])
+
+
+def test_raw_body_that_is_not_an_image_is_400(http):
+    for data in (b"hello, I am text", b"\x89PNG\r\n\x1a\n truncated"):
+        status, body = post_json(http.base, "/v1/classify", data)
+        assert status == 400, body
+        assert set(body) == {"error"} and body["error"]
+    status, body = post_json(http.base, "/v1/classify", b"", {"Content-Type": "image/png"})
+    assert status == 400 and "empty" in body["error"]
+
+
+def test_server_goes_on_after_bad_requests(http, model, digits):
+    x, _ = digits
+    for data, headers in ((b"--x\r\nbroken", {"Content-Type": "multipart/form-data; boundary=x"}),
+                          (b"abc", {"Content-Type": "multipart/form-data"}),
+                          (multipart([])[0], {"Content-Type": multipart([])[1]})):
+        status, _, body = request(http.base, "/v1/classify", data, headers)
+        assert status == 400, body
+        assert json.loads(body)["error"]
+    status, body = post_json(http.base, "/v1/classify", png(x[3]))
+    assert status == 200 and body["predictions"][0]["digit"] == int(predict(model, x[3:4])[0].argmax())
+
+
+def test_limits(http, digits):
+    x, _ = digits
+    n = http.serving.limits.max_images_per_request
+    body, content_type = multipart([(f"p{i}", None, png(x[i])) for i in range(n + 1)])
+    status, answer = post_json(http.base, "/v1/classify", body, {"Content-Type": content_type})
+    assert status in (413, 429), answer
+    assert str(n) in answer["error"]
+    big = Image.new("L", (1200, 1000))  # 1.2 MP, over the fixture's 1 MP
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    status, answer = post_json(http.base, "/v1/classify", buf.getvalue())
+    assert status in (413, 429), answer
+    assert "pixels" in answer["error"]
+
+
+def test_top_k(http, model, digits):
+    x, _ = digits
+    probs = predict(model, x[4:5])[0]
+    status, body = post_json(http.base, "/v1/classify?top_k=3", png(x[4]))
+    assert status == 200, body
+    p = body["predictions"][0]
+    order = np.argsort(-probs, kind="stable")[:3]
+    assert [t["digit"] for t in p["top_k"]] == order.tolist()
+    np.testing.assert_allclose([t["confidence"] for t in p["top_k"]], probs[order], atol=2e-6)
+    assert p["top_k"][0]["digit"] == p["digit"]
+    for bad in ("0", "11", "x", "-1", "2.5"):
+        status, body = post_json(http.base, f"/v1/classify?top_k={bad}", png(x[4]))
+        assert status == 400 and "top_k" in body["error"], (bad, body)
+
+
+def test_input_preview_is_the_image_the_model_saw(http, model):
+    from serving.preprocess import decode_image
+
+    # A photo-like image: dark ink on a light, larger canvas; the model sees it normalised.
+    im = Image.new("L", (120, 90), 230)
+    from PIL import ImageDraw
+    ImageDraw.Draw(im).line([(40, 15), (80, 15), (55, 80)], fill=20, width=9)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    status, body = post_json(http.base, "/v1/classify?input=1", buf.getvalue())
+    assert status == 200, body
+    p = body["predictions"][0]
+    seen = Image.open(io.BytesIO(base64.b64decode(p["input"])))
+    assert seen.format == "PNG" and seen.size == (28, 28) and seen.mode == "L"
+    pixels = np.asarray(seen)
+    np.testing.assert_array_equal(pixels, decode_image(buf.getvalue()))
+    check_prediction(p, predict(model, pixels[None])[0])
+    status, body = post_json(http.base, "/v1/classify?input=2", buf.getvalue())
+    assert status == 400 and "input" in body["error"]
+
+
+def test_model(http, onnx_model, model):
+    status, _, raw = request(http.base, "/v1/model")
+    assert status == 200
+    m = json.loads(raw)
+    meta = model.metadata
+    assert m["name"] == "network3" and m["version"] == "1"
+    assert m["sha256"] == hashlib.sha256(onnx_model.read_bytes()).hexdigest()
+    assert m["labels"] == [str(d) for d in range(10)]
+    assert m["preset"] == meta.get("preset")
+    assert m["test_accuracy"] == pytest.approx(float(meta["test_accuracy"]))
+    assert 0.9 < m["test_accuracy"] < 1
+    assert m["input"]["shape"] == [-1, 1, 28, 28] and m["input"]["polarity"] == "white-on-black"
+    assert m["limits"]["max_images_per_request"] == http.serving.limits.max_images_per_request
+    assert m["limits"]["max_pixels"] == http.serving.limits.max_pixels
+    assert m["loaded_at"].endswith("Z")
+
+
+def test_every_openapi_path_answers(http, digits):
+    status, _, raw = request(http.base, "/v1/openapi.json")
+    assert status == 200
+    doc = json.loads(raw)
+    assert doc["openapi"].startswith("3.")
+    assert {"/v1/classify", "/v1/model", "/v1/openapi.json", "/", "/web/{file}"} <= set(doc["paths"])
+    x, _ = digits
+    for path, methods in doc["paths"].items():
+        for method, op in methods.items():
+            url = path
+            for param in op.get("parameters", []):
+                if param["in"] == "path":
+                    url = url.replace("{" + param["name"] + "}", param["example"])
+            data = png(x[0]) if method == "post" else None
+            status, _, body = request(http.base, url, data, method=method.upper())
+            assert status == 200, (method, path, body[:200])
+            assert str(status) in op["responses"]
+
+
+def test_page_and_its_files(http):
+    status, headers, body = request(http.base, "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert b'id="pad"' in body and b"/web/app.js" in body
+    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css"), ("index.html", "text/html")):
+        status, headers, body = request(http.base, f"/web/{name}")
+        assert status == 200 and headers["Content-Type"].startswith(kind), (name, headers)
+        assert headers["X-Content-Type-Options"] == "nosniff"
+
+
+@pytest.mark.parametrize("path", [
+    "/web/../pyproject.toml", "/web/../../pyproject.toml", "/web/..%2f..%2fpyproject.toml", "/web/..%2Fapi%2Fv1.py",
+    "/web/%2e%2e/%2e%2e/pyproject.toml", "/web/%2e%2e%2f%2e%2e%2fpyproject.toml", "/web//etc/passwd",
+    "/web/%2Fetc%2Fpasswd", "/web/..\\..\\pyproject.toml", "/web/", "/web/.", "/web/..", "/web/nothing.js",
+    "/web/../api/v1.py", "/web/%2e%2e%5cserving%5c__init__.py", "/web/app.js%00.png", "/web/../__init__.py",
+])
+def test_static_path_traversal_is_refused(http, path):
+    status, body = raw_get(http.port, path)
+    assert status == 404, (path, status, body[:200])
+    assert b"[build-system]" not in body and b"root:" not in body and b"import" not in body
