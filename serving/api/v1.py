@@ -32,6 +32,7 @@ from .. import preprocess
 from ..contract import CLASSES, INPUT_CONTRACT
 from ..errors import STATUS_NAMES, InvalidInput, Network3Error, Overloaded
 from ..model import top_k as rank
+from .common import now
 
 WEB_PACKAGE = "serving"
 WEB_FOLDER = "web"
@@ -53,17 +54,23 @@ def add_routes(app: web.Application, serving) -> None:
         limits = serving.limits
         multipart = request.content_type.startswith("multipart/")
         if multipart:
-            names, items = await _parts(request, limits.max_images_per_request, _max_body(limits))
+            names, items = await _parts(request, limits.max_images_per_request, limits.max_message_bytes)
         else:
             names, items = [None], [await request.read()]
-        pixels, errors, pngs = await asyncio.get_running_loop().run_in_executor(
-            serving.decode_pool, _decode, items, limits.max_pixels, want_input)
-        if not multipart and errors[0] is not None:
-            raise errors[0]  # one raw image that is not one: the request is wrong
-        good = [i for i, e in enumerate(errors) if e is None]
-        probs = np.empty((0, CLASSES), np.float32)
-        if good:
-            _, probs, _ = await serving.batcher.infer(preprocess.pixels_to_input(pixels[good]), None)
+        request["images"] = len(items)  # for the access log and the metrics (api.http)
+        t0, ok = now(), False
+        try:
+            pixels, errors, pngs = await asyncio.get_running_loop().run_in_executor(
+                serving.decode_pool, _decode, items, limits.max_pixels, want_input)
+            if not multipart and errors[0] is not None:
+                raise errors[0]  # one raw body that is not an image: the request is wrong
+            good = [i for i, e in enumerate(errors) if e is None]
+            probs = np.empty((0, CLASSES), np.float32)
+            if good:
+                _, probs, _ = await serving.batcher.infer(preprocess.pixels_to_input(pixels[good]), None)
+            ok = True
+        finally:
+            serving.stats.record_model_request(ok, now() - t0)
         answers = dict(zip(good, _predictions(probs, k)))
         out = []
         for i, name in enumerate(names):
@@ -159,12 +166,6 @@ def _json(value):
 
 # --------------------------------------------------------------------------- /v1/classify --
 
-def _max_body(limits) -> int:
-    """The body limit for a multipart request, which aiohttp's client_max_size does not cover
-    (it bounds read() and post(), not multipart())."""
-    return getattr(limits, "max_body_bytes", None) or limits.max_message_bytes
-
-
 def _top_k(value: str | None) -> int:
     if value is None:
         return 0
@@ -187,7 +188,9 @@ def _flag(value: str | None, name: str) -> bool:
 
 async def _parts(request: web.Request, max_images: int, max_bytes: int) -> tuple[list[str], list[bytes]]:
     """The parts of a multipart body, each one image: (their names, their bytes).  Counted as
-    they arrive, so a request over the limits is refused before it is all read."""
+    they arrive, so a request over the limits is refused before it is all read (aiohttp's
+    client_max_size bounds read() and post(), not multipart(); a chunked body has no
+    Content-Length for api.http to check)."""
     try:
         reader = await request.multipart()
     except Exception as e:  # no boundary, not multipart after all
