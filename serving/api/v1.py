@@ -96,11 +96,12 @@ def add_routes(app: web.Application, serving) -> None:
     async def static(request: web.Request) -> web.Response:
         return _file(files, request.match_info["name"])
 
-    app.router.add_post("/v1/classify", classify)
-    app.router.add_get("/v1/model", model_info)
-    app.router.add_get("/v1/openapi.json", openapi_json)
-    app.router.add_get("/", page)
-    app.router.add_get("/web/{name}", static)
+    # The names are what the metrics and the access log call them (api "http").
+    app.router.add_post("/v1/classify", classify, name="Classify")
+    app.router.add_get("/v1/model", model_info, name="GetModelInfo")
+    app.router.add_get("/v1/openapi.json", openapi_json, name="OpenAPI")
+    app.router.add_get("/", page, name="Page")
+    app.router.add_get("/web/{name}", static, name="WebFile")
 
 
 # ------------------------------------------------------------------------------- the page --

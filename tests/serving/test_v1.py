@@ -347,3 +347,48 @@ def test_static_path_traversal_is_refused(http, path):
     status, body = raw_get(http.port, path)
     assert status == 404, (path, status, body[:200])
     assert b"[build-system]" not in body and b"root:" not in body and b"import" not in body
+
+
+# ------------------------------------------------- with the server's own HTTP (api.http) --
+
+def _server_http() -> bool:
+    from serving.server import ServerOptions
+    return "http_port" in getattr(ServerOptions, "__dataclass_fields__", {})
+
+
+needs_server_http = pytest.mark.skipif(not _server_http(), reason="serving.server has no HTTP yet (api.http)")
+
+
+@needs_server_http
+def test_token_guards_v1_but_not_the_page(onnx_model, tmp_path, digits):
+    x, _ = digits
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    with http_server(onnx_model, token_file=token) as h:
+        for path, data in (("/v1/classify", png(x[0])), ("/v1/model", None), ("/v1/openapi.json", None)):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
+                status, response_headers, body = request(h.base, path, data, headers)
+                assert status == 401, (path, headers, body[:200])
+                assert "token" in json.loads(body)["error"]
+            status, _, body = request(h.base, path, data, {"Authorization": "Bearer s3cret-token"})
+            assert status == 200, (path, body[:200])
+        for path in ("/", "/web/app.js", "/web/style.css", "/web/index.html"):
+            status, _, _ = request(h.base, path)
+            assert status == 200, path
+        status, _ = raw_get(h.port, "/web/../v1/model")
+        assert status in (401, 404)
+
+
+@needs_server_http
+def test_v1_requests_are_counted_with_their_images(onnx_model, digits):
+    x, _ = digits
+    with http_server(onnx_model) as h:
+        body, content_type = multipart([("a", None, png(x[0])), ("b", None, b"nope"), ("c", None, png(x[1]))])
+        status, _ = post_json(h.base, "/v1/classify", body, {"Content-Type": content_type})
+        assert status == 200
+        status, _ = post_json(h.base, "/v1/classify", b"nope")
+        assert status == 400
+        counted = h.serving.stats.method("http", "Classify")
+        assert counted.codes == {"200": 1, "400": 1} and counted.images == 4
+        request(h.base, "/v1/model")
+        assert h.serving.stats.method("http", "GetModelInfo").codes == {"200": 1}
