@@ -173,6 +173,34 @@ def test_no_script_errors_and_a_screenshot(page, tmp_path):
     assert shot.stat().st_size > 10_000
 
 
+def test_the_page_asks_for_the_token(browser, onnx_model, tmp_path):
+    """Last of the browser tests: it takes the browser to another server."""
+    from serving.server import ServerOptions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    if "http_port" not in ServerOptions.__dataclass_fields__:
+        pytest.skip("serving.server has no HTTP yet (api.http)")
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    with http_server(onnx_model, token_file=token) as h:
+        browser.get(h.base + "/")
+        wait = WebDriverWait(browser, 15)
+        wait.until(lambda d: _el(d, "auth").is_displayed())
+        assert "token" in _el(browser, "error").text
+        for given, shown in (("wrong", "refused"), ("s3cret-token", None)):
+            field = _el(browser, "token")
+            field.clear()
+            field.send_keys(given)
+            _el(browser, "auth").find_element("css selector", "button").click()
+            if shown:
+                wait.until(lambda d: shown in _el(d, "error").text and _el(d, "auth").is_displayed())
+        wait.until(lambda d: "test accuracy" in _el(d, "model").text)
+        assert not _el(browser, "auth").is_displayed()
+        draw(browser, ONE)
+        assert answer(browser) == "1"
+        assert _el(browser, "error").text == ""
+
+
 # ------------------------------------------------------------------------ package data --
 
 def test_a_non_editable_install_has_the_page(tmp_path):
