@@ -15,11 +15,22 @@ The gRPC servicer (serving.api.inference), the benchmarks and an HTTP front end 
     `bytes_tensor(strings)` serializes BYTES elements as raw contents do.
   * `response(request, outputs, logits, probabilities, labels, model_name, model_version)`:
     the ModelInferResponse, outputs in `raw_output_contents` (what tritonclient reads).
+
+The REST (HTTP/JSON) form of the same, with Triton's binary tensor data extension:
+
+  * `rest_split(body, header_length)`: a body -> (JSON header, binary data after it), as the
+    `Inference-Header-Content-Length` header says (absent: all of it is JSON).
+  * `rest_request(header, binary, max_images)`: -> RestRequest(id, images, outputs, timeout_s):
+    the input as float32 [N, 1, 28, 28] (JSON `data` flat or nested, or `binary_data_size`
+    bytes of the binary data), the outputs asked for as [(name, k, binary)].
+  * `rest_response(rest_request, logits, probabilities, labels, model_name, model_version)`:
+    -> (body, JSON header length or None when no output is binary).
 """
 from __future__ import annotations
 
+import json
 import struct
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -27,7 +38,7 @@ from protos.inference import grpc_service_pb2 as pb
 
 from . import preprocess
 from .contract import CLASSES, INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES, PIXELS
-from .errors import InvalidInput, Overloaded
+from .errors import InvalidInput, TooLarge
 from .model import top_k
 
 DATATYPES = {"FP32": "<f4", "UINT8": "u1"}  # the input datatypes accepted, as numpy dtypes
@@ -54,7 +65,7 @@ def check_input(name: str, datatype: str, shape: Sequence[int], max_images: int)
         raise InvalidInput(f"input {INPUT_NAME!r}: shape {shape}, expected {INPUT_DIMS} with N >= 1")
     n = shape[0]
     if n > max_images:
-        raise Overloaded(f"input {INPUT_NAME!r}: {n} images in one request, over --max-images-per-request {max_images}")
+        raise TooLarge(f"input {INPUT_NAME!r}: {n} images in one request, over --max-images-per-request {max_images}")
     if datatype not in DATATYPES:
         raise InvalidInput(f"input {INPUT_NAME!r}: datatype {datatype!r}, expected FP32 (in [0, 1]) or UINT8")
     return n
@@ -177,16 +188,21 @@ def bytes_tensor(rows: Iterable[Iterable[str]]) -> bytes:
     return b"".join(parts)
 
 
+def output_tensor(name: str, k: int, logits: np.ndarray, probs: np.ndarray, labels: Sequence[str], raw: bool = True):
+    """(name, datatype, shape, data) of one requested output: data as raw bytes, or (raw=False)
+    as a flat list of values (JSON)."""
+    n = len(logits)
+    values = logits if name == OUTPUT_NAMES[0] else probs
+    if not k:
+        data = values.astype("<f4", copy=False).tobytes() if raw else values.ravel().tolist()
+        return name, "FP32", [n, CLASSES], data
+    rows = classification(values, k, labels)
+    return name, "BYTES", [n, k], bytes_tensor(rows) if raw else [s for row in rows for s in row]
+
+
 def output_tensors(outputs: list[tuple[str, int]], logits: np.ndarray, probs: np.ndarray, labels: Sequence[str]):
     """[(name, datatype, shape, raw bytes)] for the requested outputs."""
-    out, n = [], len(logits)
-    for name, k in outputs:
-        values = logits if name == OUTPUT_NAMES[0] else probs
-        if not k:
-            out.append((name, "FP32", [n, CLASSES], values.astype("<f4", copy=False).tobytes()))
-        else:
-            out.append((name, "BYTES", [n, k], bytes_tensor(classification(values, k, labels))))
-    return out
+    return [output_tensor(name, k, logits, probs, labels) for name, k in outputs]
 
 
 def response(request: pb.ModelInferRequest, outputs: list[tuple[str, int]], logits: np.ndarray, probs: np.ndarray,
@@ -196,3 +212,160 @@ def response(request: pb.ModelInferRequest, outputs: list[tuple[str, int]], logi
     return pb.ModelInferResponse(model_name=model_name, model_version=model_version, id=request.id,
                                  outputs=[T(name=name, datatype=dt, shape=shape) for name, dt, shape, _ in tensors],
                                  raw_output_contents=[raw for *_, raw in tensors])
+
+
+# --------------------------------------------------------------------- REST: JSON and binary --
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class RestRequest(NamedTuple):
+    id: str | None
+    images: np.ndarray  # float32 [N, 1, 28, 28] in [0, 1]
+    outputs: list[tuple[str, int, bool]]  # (name, classification count or 0, binary)
+    timeout_s: float | None  # Triton's `timeout` request parameter (given in microseconds)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _object(value, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{where}: expected a JSON object, got {_short(value)}")
+    return value
+
+
+def rest_split(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, memoryview]:
+    """(JSON header, binary data after it) of a REST inference body."""
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        n = int(header_length)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= len(body):
+        raise InvalidInput(f"{HEADER_LENGTH}: {_short(header_length)} must be a whole number from 0 to the "
+                           f"body's length ({len(body)} bytes)")
+    view = memoryview(body)
+    return view[:n], view[n:]
+
+
+def rest_request(header: bytes | memoryview, binary: memoryview, max_images: int) -> RestRequest:
+    """A REST inference request (its JSON header and the binary data after it) -> RestRequest."""
+    try:
+        request = json.loads(bytes(header))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting
+        raise InvalidInput(f"request body: not a JSON inference request ({str(e)[:100]})") from None
+    if not isinstance(request, dict):
+        raise InvalidInput(f"request body: expected a JSON object with 'inputs', got {_short(request)}")
+    rid = request.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise InvalidInput(f"id: must be a string, got {_short(rid)}")
+    params = _object(request.get("parameters"), "parameters")
+    binary_default = params.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise InvalidInput(f"parameters.binary_data_output: must be true or false, got {_short(binary_default)}")
+    timeout = params.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0):
+        raise InvalidInput(f"parameters.timeout: must be a whole number of microseconds, got {_short(timeout)}")
+    x = rest_input(request.get("inputs"), binary, max_images)
+    outputs = rest_outputs(request.get("outputs"), binary_default)
+    return RestRequest(rid, x, outputs, None if not timeout else timeout / 1e6)
+
+
+def rest_input(inputs, binary: memoryview, max_images: int) -> np.ndarray:
+    """The REST request's `inputs` (and binary data) as float32 [N, 1, 28, 28] in [0, 1]."""
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidInput(f"inputs: the request has no inputs; the model takes {INPUT_NAME!r}")
+    if len(inputs) != 1:
+        names = [i.get("name") if isinstance(i, dict) else i for i in inputs]
+        raise InvalidInput(f"inputs: {len(inputs)} inputs {_short(names)}; the model takes one, {INPUT_NAME!r}")
+    t = inputs[0]
+    if not isinstance(t, dict):
+        raise InvalidInput(f"inputs[0]: expected an object with name, shape, datatype and data, got {_short(t)}")
+    name, datatype, shape = t.get("name"), t.get("datatype"), t.get("shape")
+    if not isinstance(name, str):
+        raise InvalidInput(f"inputs[0]: name must be a string, got {_short(name)}")
+    if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+        raise InvalidInput(f"input {name!r}: shape must be a list of integers, got {_short(shape)}")
+    if not isinstance(datatype, str):
+        raise InvalidInput(f"input {name!r}: datatype must be a string, got {_short(datatype)}")
+    n = check_input(name, datatype, shape, max_images)
+    size = _object(t.get("parameters"), "inputs[0].parameters").get("binary_data_size")
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise InvalidInput(f"input {INPUT_NAME!r}: parameters.binary_data_size must be a whole number, got {_short(size)}")
+        if "data" in t:
+            raise InvalidInput(f"input {INPUT_NAME!r}: both data and binary_data_size are set; send one")
+        if size != len(binary):
+            raise InvalidInput(f"input {INPUT_NAME!r}: binary_data_size is {size} but {len(binary)} bytes of binary "
+                               f"data follow the JSON header ({HEADER_LENGTH})")
+        return _array(n, datatype, shape, bytes(binary), "binary data")  # a copy: aligned
+    if len(binary):
+        raise InvalidInput(f"{len(binary)} bytes of binary data follow the JSON header, but no input has "
+                           f"parameters.binary_data_size")
+    if "data" not in t:
+        raise InvalidInput(f"input {INPUT_NAME!r}: no data (neither data nor parameters.binary_data_size)")
+    return _array(n, datatype, shape, _json_values(t["data"], datatype), "data")
+
+
+def _json_values(data, datatype: str) -> np.ndarray:
+    """JSON `data`, flat or nested as the shape, -> a flat numeric array (not yet range-checked)."""
+    where = f"input {INPUT_NAME!r}: data"
+    if not isinstance(data, list):
+        raise InvalidInput(f"{where} must be a JSON array of numbers, got {_short(data)}")
+    try:
+        values = np.asarray(data)
+    except (ValueError, TypeError, OverflowError):  # ragged nesting
+        raise InvalidInput(f"{where} is not a regular array of numbers (ragged nesting?)") from None
+    if values.size and values.dtype.kind not in ("iu" if datatype == "UINT8" else "iuf"):
+        raise InvalidInput(f"{where} must hold " + ("integers from 0 to 255" if datatype == "UINT8" else "numbers")
+                           + f" for {datatype}")
+    return values.reshape(-1)
+
+
+def rest_outputs(outputs, binary_default: bool = False) -> list[tuple[str, int, bool]]:
+    """[(name, classification count or 0, binary)]: all outputs when none are asked for."""
+    if outputs is None or outputs == []:
+        return [(name, 0, binary_default) for name in OUTPUT_NAMES]
+    if not isinstance(outputs, list):
+        raise InvalidInput(f"outputs: expected a list of objects, got {_short(outputs)}")
+    out = []
+    for i, o in enumerate(outputs):
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise InvalidInput(f"outputs[{i}]: expected an object with a name, got {_short(o)}")
+        params = _object(o.get("parameters"), f"outputs[{i}].parameters")
+        name, k = requested_output(i, o["name"], params.get("classification"))
+        binary = params.get("binary_data", binary_default)
+        if not isinstance(binary, bool):
+            raise InvalidInput(f"outputs[{i}].parameters.binary_data: must be true or false, got {_short(binary)}")
+        out.append((name, k, binary))
+    return out
+
+
+def rest_response(request: RestRequest, logits: np.ndarray, probs: np.ndarray, labels: Sequence[str],
+                  model_name: str, model_version: str) -> tuple[bytes, int | None]:
+    """(body, JSON header length): the JSON response, then the binary outputs' bytes in order
+    (the header length is None when no output is binary)."""
+    tensors, blobs = [], []
+    for name, k, binary in request.outputs:
+        name, datatype, shape, data = output_tensor(name, k, logits, probs, labels, raw=binary)
+        t = {"name": name, "datatype": datatype, "shape": shape}
+        if binary:
+            t["parameters"] = {"binary_data_size": len(data)}
+            blobs.append(data)
+        else:
+            t["data"] = data
+        tensors.append(t)
+    answer = {"model_name": model_name, "model_version": model_version}
+    if request.id is not None:
+        answer["id"] = request.id
+    answer["outputs"] = tensors
+    header = json.dumps(answer, separators=(",", ":")).encode()
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)

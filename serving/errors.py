@@ -1,7 +1,8 @@
-"""Domain errors, raised where a problem is found and mapped to gRPC status codes in one place.
+"""Domain errors, raised where a problem is found and mapped to statuses in one place.
 
-Nothing below the servicers knows about gRPC: preprocessing, the batcher and the model raise
-these, and `serving.api` turns them into statuses with `grpc_status()`.
+Nothing below the adapters knows about a transport: preprocessing, the batcher and the model
+raise these; `serving.api` turns them into gRPC statuses with `grpc_status()` and into HTTP
+statuses with `http_status()`, both read from the one table, STATUSES.
 """
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ class ModelNotFound(Network3Error):
 
 class Overloaded(Network3Error):
     """A limit was hit: queue full, too many images, message or image too large."""
+
+
+class TooLarge(Overloaded):
+    """A request over a size limit (its body, or its images): RESOURCE_EXHAUSTED, HTTP 413."""
 
 
 class Unavailable(Network3Error):
@@ -42,26 +47,44 @@ class ModelFailed(Network3Error):
     """The model raised while computing a batch: that batch's requests fail, the server goes on."""
 
 
-# The one mapping from domain errors to gRPC status codes (by name, so this module stays
-# importable without grpc: training imports serving.preprocess, which imports this).
-STATUS_NAMES: dict[type[Network3Error], str] = {
-    InvalidInput: "INVALID_ARGUMENT",
-    ModelNotFound: "NOT_FOUND",
-    Overloaded: "RESOURCE_EXHAUSTED",
-    Unavailable: "UNAVAILABLE",
-    Unauthenticated: "UNAUTHENTICATED",
-    DeadlineExceeded: "DEADLINE_EXCEEDED",
-    BadModel: "FAILED_PRECONDITION",
-    ModelFailed: "INTERNAL",
+# The one mapping from domain errors to statuses: (gRPC status code by name, HTTP status as
+# Triton answers it).  By name, so this module stays importable without grpc: training imports
+# serving.preprocess, which imports this.  A subclass not listed takes its base's row.
+STATUSES: dict[type[Network3Error], tuple[str, int]] = {
+    InvalidInput: ("INVALID_ARGUMENT", 400),
+    ModelNotFound: ("NOT_FOUND", 404),
+    Overloaded: ("RESOURCE_EXHAUSTED", 429),
+    TooLarge: ("RESOURCE_EXHAUSTED", 413),
+    Unavailable: ("UNAVAILABLE", 503),
+    Unauthenticated: ("UNAUTHENTICATED", 401),
+    DeadlineExceeded: ("DEADLINE_EXCEEDED", 504),
+    BadModel: ("FAILED_PRECONDITION", 500),
+    ModelFailed: ("INTERNAL", 500),
 }
+STATUS_NAMES: dict[type[Network3Error], str] = {cls: grpc for cls, (grpc, _) in STATUSES.items()}
+
+
+def _row(exc: BaseException) -> tuple[str, int] | None:
+    for cls in type(exc).__mro__:
+        row = STATUSES.get(cls)
+        if row is not None:
+            return row
+    return None
 
 
 def grpc_status(exc: BaseException):
     """(grpc.StatusCode, message) for an exception; anything not ours is INTERNAL."""
     import grpc
 
-    for cls in type(exc).__mro__:
-        name = STATUS_NAMES.get(cls)
-        if name is not None:
-            return grpc.StatusCode[name], str(exc)
+    row = _row(exc)
+    if row is not None:
+        return grpc.StatusCode[row[0]], str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+
+
+def http_status(exc: BaseException) -> tuple[int, str]:
+    """(HTTP status, message) for an exception; anything not ours is 500."""
+    row = _row(exc)
+    if row is not None:
+        return row[1], str(exc)
+    return 500, f"internal error: {type(exc).__name__}"

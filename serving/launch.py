@@ -3,12 +3,12 @@ benchmarks and scripts do it.
 
     with ServerProcess("models/default.onnx", "--metrics-port", "0") as server:
         grpc.insecure_channel(server.address) ...
-        server.metrics_port
+        server.metrics_port, server.http_port, server.http_url
 
 The server prints `network3 serving on HOST:PORT` on stderr once the model is loaded and
-warmed up and the port is bound (after its log line `... metrics on :PORT/metrics` when
-metrics are on); stderr goes to a log file, read for that line.  Torch-free: only the
-standard library.
+warmed up and the ports are bound (after its log line `... metrics on :PORT/metrics` when
+metrics are on, and its line `network3 http on http://HOST:PORT` when HTTP is on); stderr
+goes to a log file, read for those lines.  Torch-free: only the standard library.
 """
 from __future__ import annotations
 
@@ -23,14 +23,19 @@ from pathlib import Path
 
 READY = re.compile(r"^network3 serving on (\S+):(\d+)$", re.MULTILINE)
 METRICS = re.compile(r"metrics on :(\d+)/metrics")
+HTTP = re.compile(r"^network3 http on (https?://\S+):(\d+)$", re.MULTILINE)
 SOURCE_ROOT = Path(__file__).resolve().parent.parent  # where the `serving` package lies
 
 
 class ServerProcess:
     """`python -m serving.server --model MODEL --port 0 ARGS...` (or `command`, e.g. the
     `network3 serve` script), started and waited for.  `--port 0` is added unless ARGS name a
-    port.  `ready` matches the start-up line (groups: host, port).  Raises RuntimeError with the
-    log's tail when the server exits or does not start within `timeout` seconds."""
+    port, and `--http-port 0` unless ARGS name one or say `--no-http` (so servers started
+    side by side never collide on the default ports); `http_port` and `http_url` are then the
+    bound HTTP port and its base URL (None with --no-http).  `ready` matches the start-up line
+    (groups: host, port); with a `ready` of its own (another server) no --http-port is added.
+    Raises RuntimeError with the log's tail when the server exits or does not start within
+    `timeout` seconds."""
 
     def __init__(self, model: str | os.PathLike, *args: str, log: str | os.PathLike | None = None,
                  env: dict | None = None, timeout: float = 120, command: list[str] | None = None,
@@ -42,6 +47,8 @@ class ServerProcess:
         argv = [*(command or [sys.executable, "-m", "serving.server"]), "--model", os.fspath(model)]
         if not any(a == "--port" or a.startswith("--port=") for a in args):
             argv += ["--port", "0"]
+        if ready is READY and not any(a in ("--http-port", "--no-http") or a.startswith("--http-port=") for a in args):
+            argv += ["--http-port", "0"]
         argv += list(args)
         self.argv = argv
         environment = {**os.environ, **(env or {})}
@@ -53,6 +60,8 @@ class ServerProcess:
         self.host = self.address = ""
         self.port = 0
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self.http_url: str | None = None
         try:
             self._wait_ready(timeout, ready, metrics="--metrics-port" in args or any(a.startswith("--metrics-port=") for a in args))
         except BaseException:
@@ -69,6 +78,10 @@ class ServerProcess:
                 self.address = f"{self.host}:{self.port}"
                 mm = METRICS.search(text[:m.start()])
                 self.metrics_port = int(mm.group(1)) if mm else None
+                mh = HTTP.search(text[:m.start()])
+                if mh:
+                    self.http_port = int(mh.group(2))
+                    self.http_url = f"{mh.group(1)}:{self.http_port}"
                 if metrics and self.metrics_port is None:
                     raise RuntimeError(f"server started without its metrics line:\n{text[-3000:]}")
                 return

@@ -48,8 +48,15 @@ def _le(bound: float) -> str:
     return repr(float(bound))
 
 
+def failed(code: str) -> bool:
+    """Whether a request's code is a failure: a gRPC status name other than OK, or (api "http")
+    an HTTP status of 400 or more."""
+    return code != "OK" and not (code.isdigit() and int(code) < 400)
+
+
 class MethodStats:
-    """Per (api, method): requests by status code name, images, latency."""
+    """Per (api, method): requests by status code (a gRPC status name, or for api "http" the
+    HTTP status as a string), images, latency."""
 
     __slots__ = ("api", "method", "codes", "images", "latency")
 
@@ -130,9 +137,9 @@ class StatsCollector(Collector):
         s = self.stats
         with self._lock:
             methods = list(s.methods.values())
-            requests = CounterMetricFamily("network3_requests", "RPCs finished, by API, method and gRPC status code.",
+            requests = CounterMetricFamily("network3_requests", "Requests finished, by API, method and status code (gRPC name; HTTP status for api=http).",
                                            labels=["api", "method", "code"])
-            failures = CounterMetricFamily("network3_request_failures", "RPCs that ended with a status other than OK.",
+            failures = CounterMetricFamily("network3_request_failures", "Requests that failed: a gRPC status other than OK, an HTTP status of 400 or more.",
                                            labels=["api", "method", "code"])
             images = CounterMetricFamily("network3_images", "Images received, by API and method.", labels=["api", "method"])
             latency = HistogramMetricFamily("network3_request_duration_seconds", "RPC latency in the server, by API and method.",
@@ -140,7 +147,7 @@ class StatsCollector(Collector):
             for m in methods:
                 for code, n in list(m.codes.items()):
                     requests.add_metric([m.api, m.method, code], n)
-                    if code != "OK":
+                    if failed(code):
                         failures.add_metric([m.api, m.method, code], n)
                 images.add_metric([m.api, m.method], m.images)
                 latency.add_metric([m.api, m.method], m.latency.cumulative(), m.latency.sum)

@@ -1,5 +1,6 @@
-"""`network3 serve`: both gRPC APIs over one batcher, with health, reflection, auth, TLS,
-limits, metrics, access log, graceful drain (SIGTERM/SIGINT) and model reload (SIGHUP).
+"""`network3 serve`: both gRPC APIs and HTTP/1.1 (the v2 REST API, /v1, the page) over one
+batcher, in one event loop, with health, reflection, auth, TLS, limits, metrics, access log,
+graceful drain (SIGTERM/SIGINT) and model reload (SIGHUP).
 
 This module only wires things together; the work is in model.py, batcher.py and api/.
 """
@@ -9,13 +10,16 @@ import asyncio
 import gc
 import hmac
 import logging
+import os
 import signal
+import ssl
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -24,6 +28,7 @@ from protos.network3.v1 import classifier_pb2
 
 from .api.classifier import API as CLASSIFIER_API, ClassifierServicer
 from .api.common import AccessLog, Limits, Serving
+from .api.http import build_app
 from .api.inference import API as INFERENCE_API, InferenceServicer
 from .batcher import BatcherOptions, DynamicBatcher
 from .contract import MODEL_NAME
@@ -44,6 +49,7 @@ class ServerOptions:
     model: Path
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int | None = 8000  # None: no HTTP
     model_name: str = MODEL_NAME
     batcher: BatcherOptions = field(default_factory=BatcherOptions)
     limits: Limits = field(default_factory=Limits)
@@ -129,10 +135,12 @@ class Network3Server:
         self.options = options
         self.stats = Stats()
         self.port: int | None = None
+        self.http_port: int | None = None
         self.draining = False
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._metrics = None
+        self._http: web.AppRunner | None = None
         self._stopped = asyncio.Event()
         self._reloading = False
         self.serving: Serving | None = None
@@ -148,8 +156,9 @@ class Network3Server:
         self.stats.model_info = lambda: {"name": o.model_name, "sha256": batcher.model.sha256,
                                          "path": str(batcher.model.path), "loaded_at": batcher.model.loaded_at}
         interceptors = []
-        if o.token_file is not None:
-            interceptors.append(TokenAuth(read_token(o.token_file), self.stats, access))
+        token = read_token(o.token_file) if o.token_file is not None else None
+        if token is not None:
+            interceptors.append(TokenAuth(token, self.stats, access))
         mb = o.limits.max_message_bytes
         server = grpc.aio.server(interceptors=interceptors or None, options=[
             ("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb),
@@ -169,16 +178,48 @@ class Network3Server:
                 self.port = server.add_insecure_port(address)
         except RuntimeError as e:  # grpc: "Failed to bind to address"
             raise StartupError(f"cannot listen on {address}: {e}") from None
+        if o.http_port is not None:
+            try:
+                await self._start_http(token)
+            except BaseException:
+                await server.stop(None)
+                raise
         await server.start()
         self._server = server
         for name in ("", *SERVICES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if o.metrics_port is not None:
             self._metrics = start_metrics_server(self.stats, o.metrics_port, o.host)
-        log.info("serving %s (sha256 %s, %s) as %r on %s:%d%s%s", model.path, model.sha256[:12],
+        log.info("serving %s (sha256 %s, %s) as %r on %s:%d%s%s%s", model.path, model.sha256[:12],
                  ",".join(model.providers), o.model_name, o.host, self.port, " with TLS" if o.tls_cert else "",
+                 f", http on :{self.http_port}" if self.http_port is not None else "",
                  f", metrics on :{self._metrics.server_port}/metrics" if self._metrics else "")
         return self.port
+
+    async def _start_http(self, token: str | None) -> None:
+        """Bind the HTTP site on this loop (the same model, batcher, token, TLS and limits)."""
+        o = self.options
+        context = ssl_context(o) if o.tls_cert else None
+        runner = web.AppRunner(build_app(self.serving, token), handle_signals=False, access_log=None,
+                               shutdown_timeout=1.0)  # stop() has already waited for requests in flight
+        await runner.setup()
+        site = web.TCPSite(runner, o.host, o.http_port, ssl_context=context, reuse_port=False)
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            reason = os.strerror(e.errno) if e.errno else str(e)  # asyncio's strerror repeats the address
+            raise StartupError(f"cannot listen on http {o.host}:{o.http_port}: {reason}") from None
+        self._http = runner
+        self.http_port = runner.addresses[0][1]
+
+    @property
+    def http_url(self) -> str | None:
+        """The HTTP base URL, e.g. http://127.0.0.1:8000 (None: no HTTP)."""
+        if self.http_port is None:
+            return None
+        host = f"[{self.options.host}]" if ":" in self.options.host else self.options.host
+        return f"{'https' if self.options.tls_cert else 'http'}://{host}:{self.http_port}"
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new calls, let calls in flight finish (up to grace)."""
@@ -191,13 +232,18 @@ class Network3Server:
         deadline = loop.time() + grace
         await self._health.enter_graceful_shutdown()
         if self.serving is not None:
-            # Our handlers answer new calls UNAVAILABLE (clients retry that; grpc's own refusal
-            # after server.stop() is CANCELLED) while the calls in flight finish.
+            # Our handlers answer new calls UNAVAILABLE, and HTTP requests 503 (clients retry
+            # that; grpc's own refusal after server.stop() is CANCELLED) while the calls in
+            # flight finish.
             self.serving.draining = True
             while self.serving.inflight and loop.time() < deadline:
                 await asyncio.sleep(0.005)
+        closing = []
         if self._server is not None:
-            await self._server.stop(max(0.0, deadline - loop.time()))
+            closing.append(self._server.stop(max(0.0, deadline - loop.time())))
+        if self._http is not None:
+            closing.append(self._http.cleanup())  # closes the site and its connections
+        await asyncio.gather(*closing)
         if self.serving is not None:
             self.serving.batcher.close()
             if self.serving.access is not None:
@@ -248,6 +294,21 @@ def read_token(path: Path) -> str:
     return token
 
 
+def ssl_context(o: ServerOptions) -> ssl.SSLContext:
+    """The HTTP side's TLS: the same certificate, key and client CA as gRPC's."""
+    if not (o.tls_cert and o.tls_key):
+        raise StartupError("TLS needs both --tls-cert and --tls-key")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(o.tls_cert, o.tls_key)
+        if o.tls_client_ca:
+            context.load_verify_locations(cafile=o.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except OSError as e:  # ssl.SSLError is one
+        raise StartupError(f"TLS: {getattr(e, 'filename', None) or o.tls_cert}: {e.strerror or e}") from None
+    return context
+
+
 def tls_credentials(o: ServerOptions) -> grpc.ServerCredentials:
     if not (o.tls_cert and o.tls_key):
         raise StartupError("TLS needs both --tls-cert and --tls-key")
@@ -279,6 +340,8 @@ async def serve(options: ServerOptions) -> int:
         loop.add_signal_handler(sig, lambda s=sig: (log.info("%s received", signal.Signals(s).name),
                                                     spawn(server.stop())))
     loop.add_signal_handler(signal.SIGHUP, lambda: (log.info("SIGHUP received: reloading"), spawn(server.reload())))
+    if server.http_url is not None:
+        print(f"network3 http on {server.http_url}", file=sys.stderr, flush=True)
     print(f"network3 serving on {options.host}:{server.port}", file=sys.stderr, flush=True)
     await server.wait()
     return 0
@@ -295,6 +358,9 @@ B, L, M, S = BatcherOptions, Limits, ModelOptions, ServerOptions
               help="The ONNX file to serve (from `network3-train export`).")
 @click.option("--host", default=S.host, envvar="NETWORK3_HOST", help="Address to bind; loopback unless you say otherwise.")
 @click.option("--port", default=S.port, type=click.IntRange(0, 65535), envvar="NETWORK3_PORT", help="Port to bind (0: any free port).")
+@click.option("--http-port", default=S.http_port, type=click.IntRange(0, 65535), envvar="NETWORK3_HTTP_PORT",
+              help="HTTP/1.1 port: the v2 REST API, /v1 and the page (0: any free port).")
+@click.option("--no-http", is_flag=True, help="Serve no HTTP, gRPC only.")
 @click.option("--model-name", default=S.model_name, help="The model's name on the v2 inference API.")
 @click.option("--max-batch-size", default=B.max_batch_size, type=click.IntRange(1), help="Images per onnxruntime call at most.")
 @click.option("--max-queue-delay-us", default=B.max_queue_delay_us, type=click.IntRange(0),
@@ -318,14 +384,16 @@ B, L, M, S = BatcherOptions, Limits, ModelOptions, ServerOptions
 @click.option("--tls-client-ca", type=click.Path(dir_okay=False, path_type=Path),
               help="PEM CA bundle: require client certificates signed by it (mutual TLS).")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), envvar="NETWORK3_TOKEN_FILE",
-              help="File holding a token every call but health and reflection must send as `authorization: Bearer <token>`.")
-@click.option("--access-log/--no-access-log", default=S.access_log, help="One line per RPC on stderr: id, method, status, images, latency.")
+              help="File holding a token every call must send as `authorization: Bearer <token>` (gRPC metadata or HTTP "
+                   "header); not needed for health, reflection, /v2/health/* and the page.")
+@click.option("--access-log/--no-access-log", default=S.access_log, help="One line per RPC or HTTP request on stderr: id, method, status, images, latency.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Log level of the server's own messages.")
-def serve_command(model, host, port, model_name, max_batch_size, max_queue_delay_us, max_queue_size, instances,
+def serve_command(model, host, port, http_port, no_http, model_name, max_batch_size, max_queue_delay_us, max_queue_size, instances,
                   batching, inline_max_images, intra_op_threads, max_message_bytes, max_images_per_request, max_pixels,
                   grace, metrics_port, tls_cert, tls_key, tls_client_ca, token_file, access_log, log_level):
-    """Serve an ONNX model over gRPC: network3.v1.DigitClassifier and the Triton/KServe v2 API."""
+    """Serve an ONNX model over gRPC (network3.v1.DigitClassifier and the Triton/KServe v2 API) and
+    HTTP (the v2 REST API, /v1 and a page)."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if bool(tls_cert) != bool(tls_key):
@@ -333,7 +401,7 @@ def serve_command(model, host, port, model_name, max_batch_size, max_queue_delay
     if tls_client_ca and not tls_cert:
         raise click.UsageError("--tls-client-ca needs --tls-cert and --tls-key")
     options = ServerOptions(
-        model=model, host=host, port=port, model_name=model_name,
+        model=model, host=host, port=port, http_port=None if no_http else http_port, model_name=model_name,
         batcher=BatcherOptions(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
                                max_queue_size=max_queue_size, instances=instances, batching=batching,
                                inline_max=inline_max_images),

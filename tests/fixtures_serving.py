@@ -49,6 +49,8 @@ class ThreadServer:
         self.server = Network3Server(options)
         self.port = self.call(self.server.start())
         self.address = f"127.0.0.1:{self.port}"
+        self.http_port = self.server.http_port  # None when started with http_port=None
+        self.http_url = self.server.http_url
 
     def call(self, coro, timeout: float = 60):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -68,7 +70,8 @@ class ThreadServer:
 
 @contextmanager
 def thread_server(model: Path, **kw):
-    """A real server for one test: ServerOptions fields and BatcherOptions/Limits as dicts."""
+    """A real server for one test: ServerOptions fields and BatcherOptions/Limits as dicts.
+    HTTP listens on a free port (http_port=0) unless http_port=None is given."""
     from serving.api.common import Limits
     from serving.batcher import BatcherOptions
     from serving.model import ModelOptions
@@ -76,7 +79,7 @@ def thread_server(model: Path, **kw):
 
     batcher = BatcherOptions(**kw.pop("batcher", {}))
     limits = Limits(**kw.pop("limits", {}))
-    options = ServerOptions(model=Path(model), port=0, batcher=batcher, limits=limits,
+    options = ServerOptions(model=Path(model), port=0, http_port=kw.pop("http_port", 0), batcher=batcher, limits=limits,
                             model_options=ModelOptions(), access_log=kw.pop("access_log", False), **kw)
     server = ThreadServer(options)
     try:

@@ -1,8 +1,9 @@
-"""What both servicers share: their settings and the one RPC wrapper, `rpc` (errors, metrics,
-access log).
+"""What the servicers and the HTTP adapter share: their settings (Serving, Limits), the access
+log, and the one RPC wrapper, `rpc` (errors, metrics, access log).
 
 The wrapper is the one place a domain error becomes a gRPC status (via errors.grpc_status),
 and where every RPC is counted and logged, so the servicers only convert protos and arrays.
+HTTP's counterpart of the wrapper is the middlewares in api/http.py (errors.http_status).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import grpc
+from aiohttp import web
 
 from ..contract import MAX_IMAGES_PER_REQUEST, MAX_MESSAGE_BYTES, MAX_PIXELS, MODEL_NAME, MODEL_VERSION
 from ..errors import InvalidInput, Network3Error, Unavailable, grpc_status
@@ -47,14 +49,21 @@ class Serving:
     model_name: str = MODEL_NAME
     model_version: str = MODEL_VERSION
     access: "AccessLog | None" = None
-    draining: bool = False  # set on SIGTERM: new calls get UNAVAILABLE, calls in flight finish
-    inflight: int = 0  # RPCs inside a wrapper now (the drain waits for 0)
+    draining: bool = False  # set on SIGTERM: new calls get UNAVAILABLE (HTTP 503), calls in flight finish
+    inflight: int = 0  # RPCs inside a wrapper and HTTP requests inside the middlewares now (the drain waits for 0)
     decode_pool: Executor = field(default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="network3-decode"))
     is_ready: Callable[[], bool] = lambda: True
 
     @property
     def model(self):
         return self.batcher.model
+
+
+# Keys of aiohttp's per-request storage, read by the HTTP middlewares (api/http.py): a handler
+# stores the number of images its request carried under IMAGES (metrics, access log); the
+# middlewares store the request id under REQUEST_ID_KEY.
+IMAGES = web.RequestKey("images", int)
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 
 def deadline_of(context) -> float | None:
@@ -67,6 +76,12 @@ def deadline_of(context) -> float | None:
 
 _SAFE_ID = re.compile(r"[\w.:/+=@#-]{1,128}", re.ASCII)
 _UNSAFE_ID = re.compile(r"[^\w.:/+=@#-]", re.ASCII)
+
+
+def safe_id(rid: str) -> str:
+    """A request id as the access log writes it (and HTTP echoes it): at most 128 characters,
+    each unsafe one (a space, a newline: a forged field or line) replaced by `_`."""
+    return rid if _SAFE_ID.fullmatch(rid) else _UNSAFE_ID.sub("_", rid[:128])
 
 
 class AccessLog:
@@ -90,10 +105,9 @@ class AccessLog:
         return f"{self._prefix}{next(self._ids)}"
 
     def write(self, rid: str, method: str, code: str, images: int, seconds: float) -> None:
-        if not _SAFE_ID.fullmatch(rid):
-            # Ids come from clients (the v2 `id`, x-request-id): a newline or a space in one
-            # must not forge a line or a field.
-            rid = _UNSAFE_ID.sub("_", rid[:128])
+        # Ids come from clients (the v2 `id`, x-request-id): a newline or a space in one must
+        # not forge a line or a field.
+        rid = safe_id(rid)
         t = time.time()
         second = int(t)
         if second != self._second:  # strftime once a second, not once a line

@@ -49,68 +49,19 @@ class InferenceServicer(Servicer, pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc(pb.ServerMetadataRequest)
     async def ServerMetadata(self, request, context):
-        # The server is named after the one model it serves, as the distribution is.
-        return pb.ServerMetadataResponse(name=MODEL_NAME, version=__version__, extensions=EXTENSIONS)
+        return server_metadata()
 
     @rpc(pb.ModelMetadataRequest)
     async def ModelMetadata(self, request, context):
-        self._check_model(request.name, request.version)
-        s = self.serving
-        model = s.model
-        T = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=s.model_name, versions=[s.model_version], platform="onnxruntime_onnx",
-            inputs=[T(name=INPUT_NAME, datatype="FP32", shape=model.input_shape)],
-            outputs=[T(name=name, datatype="FP32", shape=model.output_shapes[name]) for name in OUTPUT_NAMES],
-            parameters={k: pb.InferParameter(string_param=v) for k, v in _model_facts(model).items()},
-        )
+        return model_metadata(self.serving, request.name, request.version)
 
     @rpc(pb.ModelConfigRequest)
     async def ModelConfig(self, request, context):
-        self._check_model(request.name, request.version)
-        s = self.serving
-        model, o = s.model, s.batcher.options
-        gpu = any(p.startswith("CUDA") for p in model.providers)
-        config = mc.ModelConfig(
-            name=s.model_name, platform="onnxruntime_onnx", backend="onnxruntime",
-            max_batch_size=o.max_batch_size,
-            # As in Triton: with max_batch_size > 0 the dims leave out the batch dimension.
-            input=[mc.ModelInput(name=INPUT_NAME, data_type=mc.TYPE_FP32, format=mc.ModelInput.FORMAT_NCHW,
-                                 dims=model.input_shape[1:])],
-            output=[mc.ModelOutput(name=name, data_type=mc.TYPE_FP32, dims=model.output_shapes[name][1:])
-                    for name in OUTPUT_NAMES],
-            instance_group=[mc.ModelInstanceGroup(name=s.model_name, count=o.instances,
-                                                  kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU)],
-            default_model_filename=model.path.name,
-            parameters={k: mc.ModelParameter(string_value=v) for k, v in _model_facts(model).items()},
-        )
-        if o.batching:
-            config.dynamic_batching.CopyFrom(mc.ModelDynamicBatching(
-                max_queue_delay_microseconds=o.max_queue_delay_us,
-                default_queue_policy=mc.ModelQueuePolicy(max_queue_size=o.max_queue_size)))
-        return pb.ModelConfigResponse(config=config)
+        return pb.ModelConfigResponse(config=model_config(self.serving, request.name, request.version))
 
     @rpc(pb.ModelStatisticsRequest)
     async def ModelStatistics(self, request, context):
-        if request.name:
-            self._check_model(request.name, request.version)
-        s = self.serving
-        st = s.stats
-        D = pb.StatisticDuration
-        ns = lambda seconds: int(seconds * 1e9)  # noqa: E731
-        ok, fail, comp = st.model_ok, st.model_fail, st.request_compute
-        stats = pb.ModelStatistics(
-            name=s.model_name, version=s.model_version, last_inference=st.last_inference_ms,
-            inference_count=st.inference_count(), execution_count=st.execution_count(),
-            inference_stats=pb.InferStatistics(
-                success=D(count=ok[0], ns=ns(ok[1])), fail=D(count=fail[0], ns=ns(fail[1])),
-                queue=D(count=st.queue.count, ns=ns(st.queue.sum)),
-                compute_input=D(count=comp[0]), compute_infer=D(count=comp[0], ns=ns(comp[1])),
-                compute_output=D(count=comp[0])),
-            batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=D(count=b[0], ns=ns(b[1])))
-                         for size, b in sorted(st.batches.items())],
-        )
-        return pb.ModelStatisticsResponse(model_stats=[stats])
+        return model_statistics(self.serving, request.name, request.version)
 
     # -- inference --------------------------------------------------------------------------
 
@@ -139,22 +90,90 @@ class InferenceServicer(Servicer, pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest, deadline) -> pb.ModelInferResponse:
         s = self.serving
-        self._check_model(request.model_name, request.model_version)
+        check_model(s, request.model_name, request.model_version)
         x = codec.request_input(request, s.limits.max_images_per_request)
         outputs = codec.requested_outputs(request)
         logits, probs, model = await s.batcher.infer(x, deadline)
         return codec.response(request, outputs, logits, probs, model.labels, s.model_name, s.model_version)
 
-    def _check_model(self, name: str, version: str) -> None:
-        s = self.serving
-        if name != s.model_name:
-            raise ModelNotFound(f"model_name: unknown model {name!r}; this server serves {s.model_name!r}")
-        if version not in ("", s.model_version):
-            raise ModelNotFound(f"model_version: {s.model_name!r} has no version {version!r} "
-                                f"(only {s.model_version!r})")
+
+# ---------------------------------------------------------------------------------------------
+# What the v2 metadata, config and statistics calls answer, as protos: the gRPC servicer sends
+# them as they are, the HTTP adapter (api/http.py) as JSON.  Built here once.
+
+def check_model(s, name: str, version: str) -> None:
+    """ModelNotFound unless `name` (and `version`, "" for any) is the model served."""
+    if name != s.model_name:
+        raise ModelNotFound(f"model_name: unknown model {name!r}; this server serves {s.model_name!r}")
+    if version not in ("", s.model_version):
+        raise ModelNotFound(f"model_version: {s.model_name!r} has no version {version!r} "
+                            f"(only {s.model_version!r})")
 
 
-def _model_facts(model) -> dict[str, str]:
+def server_metadata() -> pb.ServerMetadataResponse:
+    # The server is named after the one model it serves, as the distribution is.
+    return pb.ServerMetadataResponse(name=MODEL_NAME, version=__version__, extensions=EXTENSIONS)
+
+
+def model_metadata(s, name: str, version: str = "") -> pb.ModelMetadataResponse:
+    check_model(s, name, version)
+    model = s.model
+    T = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=s.model_name, versions=[s.model_version], platform="onnxruntime_onnx",
+        inputs=[T(name=INPUT_NAME, datatype="FP32", shape=model.input_shape)],
+        outputs=[T(name=name, datatype="FP32", shape=model.output_shapes[name]) for name in OUTPUT_NAMES],
+        parameters={k: pb.InferParameter(string_param=v) for k, v in model_facts(model).items()},
+    )
+
+
+def model_config(s, name: str, version: str = "") -> mc.ModelConfig:
+    check_model(s, name, version)
+    model, o = s.model, s.batcher.options
+    gpu = any(p.startswith("CUDA") for p in model.providers)
+    config = mc.ModelConfig(
+        name=s.model_name, platform="onnxruntime_onnx", backend="onnxruntime",
+        max_batch_size=o.max_batch_size,
+        # As in Triton: with max_batch_size > 0 the dims leave out the batch dimension.
+        input=[mc.ModelInput(name=INPUT_NAME, data_type=mc.TYPE_FP32, format=mc.ModelInput.FORMAT_NCHW,
+                             dims=model.input_shape[1:])],
+        output=[mc.ModelOutput(name=name, data_type=mc.TYPE_FP32, dims=model.output_shapes[name][1:])
+                for name in OUTPUT_NAMES],
+        instance_group=[mc.ModelInstanceGroup(name=s.model_name, count=o.instances,
+                                              kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU)],
+        default_model_filename=model.path.name,
+        parameters={k: mc.ModelParameter(string_value=v) for k, v in model_facts(model).items()},
+    )
+    if o.batching:
+        config.dynamic_batching.CopyFrom(mc.ModelDynamicBatching(
+            max_queue_delay_microseconds=o.max_queue_delay_us,
+            default_queue_policy=mc.ModelQueuePolicy(max_queue_size=o.max_queue_size)))
+    return config
+
+
+def model_statistics(s, name: str = "", version: str = "") -> pb.ModelStatisticsResponse:
+    """The served model's statistics (`name` "" for every model: the one there is)."""
+    if name:
+        check_model(s, name, version)
+    st = s.stats
+    D = pb.StatisticDuration
+    ns = lambda seconds: int(seconds * 1e9)  # noqa: E731
+    ok, fail, comp = st.model_ok, st.model_fail, st.request_compute
+    stats = pb.ModelStatistics(
+        name=s.model_name, version=s.model_version, last_inference=st.last_inference_ms,
+        inference_count=st.inference_count(), execution_count=st.execution_count(),
+        inference_stats=pb.InferStatistics(
+            success=D(count=ok[0], ns=ns(ok[1])), fail=D(count=fail[0], ns=ns(fail[1])),
+            queue=D(count=st.queue.count, ns=ns(st.queue.sum)),
+            compute_input=D(count=comp[0]), compute_infer=D(count=comp[0], ns=ns(comp[1])),
+            compute_output=D(count=comp[0])),
+        batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=D(count=b[0], ns=ns(b[1])))
+                     for size, b in sorted(st.batches.items())],
+    )
+    return pb.ModelStatisticsResponse(model_stats=[stats])
+
+
+def model_facts(model) -> dict[str, str]:
     """The loaded file's identity, shown by ModelMetadata and ModelConfig: a reload is visible."""
     loaded = datetime.datetime.fromtimestamp(model.loaded_at, datetime.timezone.utc).isoformat(timespec="milliseconds")
     facts = {"sha256": model.sha256, "loaded_at": loaded, "path": str(model.path)}
