@@ -30,9 +30,9 @@ from aiohttp import web
 
 from .. import preprocess
 from ..contract import CLASSES, INPUT_CONTRACT
-from ..errors import STATUS_NAMES, InvalidInput, Network3Error, Overloaded
+from ..errors import STATUS_NAMES, InvalidInput, Network3Error, TooLarge
 from ..model import top_k as rank
-from .common import now
+from .common import IMAGES, now
 
 WEB_PACKAGE = "serving"
 WEB_FOLDER = "web"
@@ -57,7 +57,7 @@ def add_routes(app: web.Application, serving) -> None:
             names, items = await _parts(request, limits.max_images_per_request, limits.max_message_bytes)
         else:
             names, items = [None], [await request.read()]
-        request["images"] = len(items)  # for the access log and the metrics (api.http)
+        request[IMAGES] = len(items)  # for the access log and the metrics (api.http)
         t0, ok = now(), False
         try:
             pixels, errors, pngs = await asyncio.get_running_loop().run_in_executor(
@@ -146,6 +146,7 @@ def describe(serving) -> dict:
         "input": _json(meta.get("input")) or INPUT_CONTRACT,
         "providers": list(model.providers),
         "limits": {"max_images_per_request": limits.max_images_per_request, "max_pixels": limits.max_pixels,
+                   "max_message_bytes": limits.max_message_bytes,
                    "max_batch_size": getattr(getattr(serving.batcher, "options", None), "max_batch_size", None)},
         "metadata": meta,
     }
@@ -203,12 +204,12 @@ async def _parts(request: web.Request, max_images: int, max_bytes: int) -> tuple
             if part is None:
                 break
             if len(items) == max_images:
-                raise Overloaded(f"more than {max_images} images in one request (--max-images-per-request)")
+                raise TooLarge(f"more than {max_images} images in one request (--max-images-per-request)")
             chunks = []
             while chunk := await part.read_chunk(1 << 16):
                 total += len(chunk)
                 if max_bytes and total > max_bytes:
-                    raise Overloaded(f"request body over {max_bytes:,} bytes")
+                    raise TooLarge(f"request body over the limit of {max_bytes:,} bytes (--max-message-bytes)")
                 chunks.append(chunk)
             names.append(part.filename or part.name or f"part {len(items)}")
             items.append(b"".join(chunks))

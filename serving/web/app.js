@@ -38,9 +38,11 @@ function showPrediction(p) {
   if (p.input) seenEl.src = `data:image/png;base64,${p.input}`;
 }
 
+const HINT = "Draw a digit in the black square, or choose a photo.";
+
 function showNothing() {
   digitEl.textContent = "";
-  confidenceEl.textContent = "";
+  confidenceEl.textContent = HINT;
   for (const b of bars) { b.fill.style.width = "0"; b.pct.textContent = ""; b.li.classList.remove("top"); }
   seenEl.removeAttribute("src");
 }
@@ -224,5 +226,6 @@ authForm.addEventListener("submit", (e) => {
 });
 
 blank();
+showNothing();
 setPending();
 loadModel();
