@@ -3,7 +3,7 @@
 The gRPC servicer (serving.api.inference), the benchmarks and an HTTP front end all use it:
 
   * `input_array(name, datatype, shape, data, max_images)`: one input tensor -> float32
-    [N, 1, 28, 28] in [0, 1], or InvalidInput / Overloaded naming what is wrong.  `data` is the
+    [N, 1, 28, 28] in [0, 1], or InvalidInput / TooLarge naming what is wrong.  `data` is the
     tensor's raw little-endian bytes or its values as a flat sequence (typed `contents`, JSON).
     FP32 must lie in [0, 1]; UINT8 is scaled by 1/255 (serving.preprocess).
   * `request_input(request, max_images)`: the same for a gRPC ModelInferRequest (one input,

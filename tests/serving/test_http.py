@@ -333,7 +333,42 @@ def test_tls_serves_https_with_the_same_certificate(onnx_model, pki, digits):
             request(s.http_port, "GET", "/v2/health/live")  # plain text to the TLS port
 
 
+def test_mutual_tls_over_http(onnx_model, pki, digits):
+    with thread_server(onnx_model, tls_cert=pki / "server.crt", tls_key=pki / "server.key",
+                       tls_client_ca=pki / "ca.crt") as s:
+        context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
+            request(s.http_port, "GET", "/v2/health/live", context=context)  # no client certificate
+        context.load_cert_chain(pki / "client.crt", pki / "client.key")
+        assert request(s.http_port, "GET", "/v2/health/live", context=context)[0] == 200
+
+
 # ---------------------------------------------------------------------- in a process --
+
+def test_sighup_reload_shows_over_http(process_server, onnx_model, tmp_path):
+    import hashlib
+    import shutil
+
+    import onnx
+
+    path = tmp_path / "served.onnx"
+    shutil.copy(onnx_model, path)
+    s = process_server(model=path)
+
+    def sha256() -> str:
+        return json.loads(request(s.http_port, "GET", "/v2/models/network3")[2])["parameters"]["sha256"]
+
+    first = sha256()
+    m = onnx.load(str(onnx_model))
+    m.metadata_props.add(key="reload_marker", value="second")
+    onnx.save(m, str(tmp_path / "new.onnx"))
+    os.replace(tmp_path / "new.onnx", path)
+    s.signal(signal.SIGHUP)
+    deadline = time.monotonic() + T
+    while sha256() == first and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sha256() == hashlib.sha256(path.read_bytes()).hexdigest() != first
+
 
 def test_token_guards_all_but_health_and_the_page(process_server, tmp_path, digits):
     token_file = tmp_path / "token"
