@@ -3,13 +3,11 @@ multipart with a bad part, refusals, top_k, the input preview, /v1/model, every 
 OpenAPI document, and the page's static files with path traversal refused."""
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import http.client as hc
 import io
 import json
-import threading
 import urllib.error
 import urllib.request
 import uuid
@@ -20,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fixtures_serving import png
+from fixtures_serving import png, thread_server
 
 LIMITS = {"max_pixels": 1_000_000, "max_images_per_request": 8}
 
@@ -37,66 +35,9 @@ class Http:
 
 @contextmanager
 def http_server(model, limits=LIMITS, **kw):
-    """A real server with HTTP on a free port: the project's thread_server when it serves HTTP
-    (serving.api.http), else an aiohttp app around a Serving with only the /v1 routes."""
-    from serving.server import ServerOptions
-
-    if "http_port" in getattr(ServerOptions, "__dataclass_fields__", {}):
-        from fixtures_serving import thread_server
-
-        with thread_server(model, http_port=0, limits=dict(limits), **kw) as s:
-            port = getattr(s, "http_port", None) or s.server.http_port
-            yield Http(f"http://127.0.0.1:{port}", s.server.serving)
-        return
-    with _bare_http(model, limits) as h:
-        yield h
-
-
-@contextmanager
-def _bare_http(model_path, limits):
-    from aiohttp import web
-
-    from serving.api.common import Limits, Serving
-    from serving.api.v1 import add_routes
-    from serving.batcher import BatcherOptions, DynamicBatcher
-    from serving.errors import InvalidInput, Network3Error, Overloaded
-    from serving.metrics import Stats
-    from serving.model import load_model
-
-    @web.middleware
-    async def errors(request, handler):
-        try:
-            return await handler(request)
-        except Network3Error as e:
-            status = 400 if isinstance(e, InvalidInput) else 413 if isinstance(e, Overloaded) else 503
-            return web.json_response({"error": str(e)}, status=status)
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    def call(coro):
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
-
-    async def start():
-        stats = Stats()
-        serving = Serving(batcher=DynamicBatcher(load_model(model_path), BatcherOptions(), stats), stats=stats,
-                          limits=Limits(**limits))
-        app = web.Application(middlewares=[errors])
-        add_routes(app, serving)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return runner, serving, runner.addresses[0][1]
-
-    runner, serving, port = call(start())
-    try:
-        yield Http(f"http://127.0.0.1:{port}", serving)
-    finally:
-        call(runner.cleanup())
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+    """A real server (tests/fixtures_serving.thread_server) with HTTP on a free port."""
+    with thread_server(model, http_port=0, limits=dict(limits), **kw) as s:
+        yield Http(s.http_url, s.server.serving)
 
 
 @pytest.fixture(scope="module")
@@ -350,17 +291,6 @@ def test_static_path_traversal_is_refused(http, path):
     assert b"[build-system]" not in body and b"root:" not in body and b"import" not in body
 
 
-# ------------------------------------------------- with the server's own HTTP (api.http) --
-
-def _server_http() -> bool:
-    from serving.server import ServerOptions
-    return "http_port" in getattr(ServerOptions, "__dataclass_fields__", {})
-
-
-needs_server_http = pytest.mark.skipif(not _server_http(), reason="serving.server has no HTTP yet (api.http)")
-
-
-@needs_server_http
 def test_token_guards_v1_but_not_the_page(onnx_model, tmp_path, digits):
     x, _ = digits
     token = tmp_path / "token"
@@ -395,7 +325,6 @@ def _chunked_post(port: int, path: str, chunks, content_type: str) -> tuple[int,
         conn.close()
 
 
-@needs_server_http
 def test_body_limit_holds_for_chunked_bodies(onnx_model, digits):
     x, _ = digits
     limit = 300_000
@@ -415,7 +344,6 @@ def test_body_limit_holds_for_chunked_bodies(onnx_model, digits):
         assert status == 200 and len(answer["predictions"]) == 2, answer
 
 
-@needs_server_http
 def test_v1_requests_are_counted_with_their_images(onnx_model, digits):
     x, _ = digits
     with http_server(onnx_model) as h:
@@ -455,3 +383,14 @@ def test_mangled_bodies_get_4xx_and_the_server_goes_on(http, model, digits):
         assert status in (200, 400), (ct[:60], status, raw[:300])
     status, body = post_json(http.base, "/v1/classify", png(x[5]))
     assert status == 200 and body["predictions"][0]["digit"] == int(predict(model, x[5:6])[0].argmax())
+
+
+def test_a_server_process_serves_v1_and_the_page(process_server, model, digits):
+    """`python -m serving.server` as deployed: the curl example and the page on its HTTP port."""
+    x, _ = digits
+    s = process_server()
+    status, body = post_json(s.http_url, "/v1/classify", png(x[6]))
+    assert status == 200, body
+    assert body["predictions"][0]["digit"] == int(predict(model, x[6:7])[0].argmax())
+    status, headers, page = request(s.http_url, "/")
+    assert status == 200 and b'id="pad"' in page

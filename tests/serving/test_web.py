@@ -175,11 +175,8 @@ def test_no_script_errors_and_a_screenshot(page, tmp_path):
 
 def test_the_page_asks_for_the_token(browser, onnx_model, tmp_path):
     """Last of the browser tests: it takes the browser to another server."""
-    from serving.server import ServerOptions
     from selenium.webdriver.support.ui import WebDriverWait
 
-    if "http_port" not in ServerOptions.__dataclass_fields__:
-        pytest.skip("serving.server has no HTTP yet (api.http)")
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")
     with http_server(onnx_model, token_file=token) as h:
