@@ -137,6 +137,22 @@ def test_drawn_digit(page, digit, strokes):
     assert len(widths) == 10 and widths[int(digit)] == max(widths) > 0, widths
 
 
+def test_the_answer_follows_the_pen_before_it_lifts(page):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    clear(page)
+    pad = _el(page, "pad")
+    chain = ActionChains(page, duration=0).move_to_element_with_offset(pad, 0, -95).click_and_hold()
+    for y in range(-87, 96, 8):
+        chain.move_by_offset(0, 8)
+    chain.perform()
+    try:
+        assert answer(page) == "1"  # still pressed: no pointerup yet
+    finally:
+        ActionChains(page).release().perform()
+    assert answer(page) == "1"
+
+
 def test_upload_an_mnist_png(page, model, digits, tmp_path):
     x, _ = digits
     for i in (0, 1, 2):
