@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .contract import INPUT_SHAPE, MAX_PIXELS, PIXELS, SCALE, SIDE
-from .errors import InvalidInput, Overloaded
+from .errors import InvalidInput, Overloaded, TooLarge
 from .photo import BOX, CENTRE, WORK, normalize
 
 # Only these decoders are reachable from the network; Pillow's others (EPS runs Ghostscript)
@@ -48,7 +48,7 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as e:
-        raise Overloaded(f"image too large: {e}") from None
+        raise TooLarge(f"image too large: {e}") from None
     except Image.UnidentifiedImageError:
         raise InvalidInput(f"not an image in a known format ({', '.join(FORMATS)})") from None
     except Exception as e:  # Pillow raises many types for malformed headers
@@ -57,7 +57,7 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     if w * h <= 0:
         raise InvalidInput(f"image has no pixels ({w}x{h})")
     if w * h > max_pixels:
-        raise Overloaded(f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
+        raise TooLarge(f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
     if im.format == "JPEG" and max(w, h) > 4 * WORK:
         im.draft("L", (w * 4 * WORK // max(w, h), h * 4 * WORK // max(w, h)))  # DCT-domain downscale
     try:
@@ -99,7 +99,7 @@ def to_gray(im: Image.Image) -> np.ndarray:
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Encoded image bytes -> uint8 [28, 28] in MNIST format.
 
-    Raises InvalidInput (undecodable, empty, 0x0) or Overloaded (more than max_pixels)."""
+    Raises InvalidInput (undecodable, empty, 0x0) or TooLarge (more than max_pixels)."""
     im = open_image(data, max_pixels)
     if im.mode == "L" and im.size == (SIDE, SIDE):
         a = np.asarray(im)

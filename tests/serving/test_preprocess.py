@@ -13,7 +13,7 @@ from PIL import Image
 
 import imagesets as S
 from serving import preprocess as pp
-from serving.errors import InvalidInput, Overloaded
+from serving.errors import InvalidInput, Overloaded, TooLarge
 
 
 def png(a: np.ndarray) -> bytes:
@@ -224,12 +224,12 @@ def _png_header_only(w: int, h: int) -> bytes:
 
 
 def test_pixel_limit_is_checked_before_decoding():
-    with pytest.raises(Overloaded, match="pixels"):
+    with pytest.raises(TooLarge, match="pixels"):
         pp.decode_image(_png_header_only(30_000, 30_000))  # 900 MP: refused from the header alone
-    with pytest.raises(Overloaded, match="over the limit"):
+    with pytest.raises(TooLarge, match="over the limit"):
         pp.decode_image(_png_header_only(2000, 2000), max_pixels=1_000_000)
     blob = png(np.zeros((1001, 1000), np.uint8))
-    with pytest.raises(Overloaded):
+    with pytest.raises(TooLarge):
         pp.decode_image(blob, max_pixels=1_000_000)
 
 
@@ -267,7 +267,7 @@ def test_decode_many_reports_each_failure_in_place(mnist):
     blobs = [png(mnist.test_x[0]), b"junk", png(mnist.test_x[1]), _png_header_only(5000, 5000)]
     pixels, errors = pp.decode_many(blobs, max_pixels=1_000_000)
     assert errors[0] is None and errors[2] is None
-    assert isinstance(errors[1], InvalidInput) and isinstance(errors[3], Overloaded)
+    assert isinstance(errors[1], InvalidInput) and isinstance(errors[3], TooLarge)
     assert np.array_equal(pixels[2], mnist.test_x[1]) and not pixels[1].any()
     with pytest.raises(InvalidInput, match="image 1"):
         pp.images_to_input(blobs[:3])
