@@ -25,9 +25,17 @@ The REST (HTTP/JSON) form of the same, with Triton's binary tensor data extensio
     bytes of the binary data), the outputs asked for as [(name, k, binary)].
   * `rest_response(rest_request, logits, probabilities, labels, model_name, model_version)`:
     -> (body, JSON header length or None when no output is binary).
+
+The image model's input (contract.IMAGE_MODEL_NAME: `images` BYTES [N], one encoded image file
+per element): `request_encoded(request, max_images)` (gRPC: raw_input_contents as 4-byte
+little-endian length-prefixed elements, or contents.bytes_contents) and
+`rest_request(..., encoded=True)` (REST: binary data in the same layout, or JSON `data` as
+base64 strings) give the N files as bytes; the adapters decode them (preprocess.decode_many).
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import struct
 from typing import Iterable, NamedTuple, Sequence
@@ -37,10 +45,11 @@ import numpy as np
 from protos.inference import grpc_service_pb2 as pb
 
 from . import preprocess
-from .contract import CLASSES, INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES, PIXELS
+from .contract import CLASSES, IMAGE_MODEL_NAME, INPUT_NAME, INPUT_SHAPE, OUTPUT_NAMES, PIXELS
 from .errors import InvalidInput, TooLarge
 from .model import top_k
 
+BYTES = "BYTES"  # the image model's input datatype: one encoded image file per element
 DATATYPES = {"FP32": "<f4", "UINT8": "u1"}  # the input datatypes accepted, as numpy dtypes
 ITEM_BYTES = {name: np.dtype(dt).itemsize for name, dt in DATATYPES.items()}
 INPUT_DIMS = f"[N, {', '.join(map(str, INPUT_SHAPE))}]"
@@ -60,6 +69,9 @@ def check_input(name: str, datatype: str, shape: Sequence[int], max_images: int)
     """Name, shape and datatype of the input tensor; returns N, the number of images."""
     if name != INPUT_NAME:
         raise InvalidInput(f"inputs[0]: unknown input {name!r}; the model's input is {INPUT_NAME!r}")
+    if datatype == BYTES:
+        raise InvalidInput(f"input {INPUT_NAME!r}: datatype BYTES (encoded image files) is the input of model "
+                           f"{IMAGE_MODEL_NAME!r}; this model takes FP32 (in [0, 1]) or UINT8 {INPUT_DIMS}")
     shape = list(shape)
     if len(shape) != 1 + len(INPUT_SHAPE) or shape[1:] != list(INPUT_SHAPE) or shape[0] < 1:
         raise InvalidInput(f"input {INPUT_NAME!r}: shape {shape}, expected {INPUT_DIMS} with N >= 1")
@@ -120,14 +132,18 @@ def _checked_unit_range(values: np.ndarray, n: int) -> np.ndarray:
     return x
 
 
-def request_input(request: pb.ModelInferRequest, max_images: int) -> np.ndarray:
-    """A gRPC ModelInferRequest's `images` tensor as float32 [N, 1, 28, 28] in [0, 1]."""
+def _one_input(request: pb.ModelInferRequest):
     inputs = request.inputs
     if len(inputs) != 1:
         if not inputs:
             raise InvalidInput(f"inputs: the request has no inputs; the model takes {INPUT_NAME!r}")
         raise InvalidInput(f"inputs: {len(inputs)} inputs {[i.name for i in inputs]}; the model takes one, {INPUT_NAME!r}")
-    t = inputs[0]
+    return inputs[0]
+
+
+def request_input(request: pb.ModelInferRequest, max_images: int) -> np.ndarray:
+    """A gRPC ModelInferRequest's `images` tensor as float32 [N, 1, 28, 28] in [0, 1]."""
+    t = _one_input(request)
     n = check_input(t.name, t.datatype, t.shape, max_images)
     raw = request.raw_input_contents
     typed = t.HasField("contents")
@@ -141,6 +157,90 @@ def request_input(request: pb.ModelInferRequest, max_images: int) -> np.ndarray:
         field = "fp32_contents" if t.datatype == "FP32" else "uint_contents"
         return _array(n, t.datatype, t.shape, getattr(t.contents, field), f"contents.{field}")
     raise InvalidInput(f"input {INPUT_NAME!r}: no data (neither raw_input_contents nor contents)")
+
+
+# ----------------------------------------------------------- encoded images: a BYTES input --
+# The image model (contract.IMAGE_MODEL_NAME) takes `images` as BYTES [N], one encoded image
+# file per element.  These turn the tensor into N `bytes`; decoding them is the adapters' (in
+# the decode pool, through preprocess.decode_many), not the codec's.
+
+def check_encoded_input(name: str, datatype: str, shape: Sequence[int], max_images: int) -> int:
+    """Name, shape [N] and datatype BYTES of the image model's input; returns N."""
+    if name != INPUT_NAME:
+        raise InvalidInput(f"inputs[0]: unknown input {name!r}; the model's input is {INPUT_NAME!r}")
+    shape = list(shape)
+    if datatype != BYTES:
+        raise InvalidInput(f"input {INPUT_NAME!r}: datatype {datatype!r}, expected {BYTES} (one encoded image "
+                           f"file per element); send pixels as FP32 or UINT8 [N, {', '.join(map(str, INPUT_SHAPE))}] "
+                           f"to the tensor model")
+    if len(shape) != 1 or shape[0] < 1:
+        raise InvalidInput(f"input {INPUT_NAME!r}: shape {shape}, expected [N] with N >= 1 (one encoded image per element)")
+    n = shape[0]
+    if n > max_images:
+        raise TooLarge(f"input {INPUT_NAME!r}: {n} images in one request, over --max-images-per-request {max_images}")
+    return n
+
+
+def split_bytes(data: bytes | memoryview, n: int, where: str) -> list[bytes]:
+    """BYTES raw contents (each element a 4-byte little-endian length, then its bytes) -> n elements."""
+    view, out, at = memoryview(data), [], 0
+    while at < len(view):
+        if len(out) == n:
+            raise InvalidInput(f"input {INPUT_NAME!r}: {where} holds more than the {n} elements of its shape "
+                               f"({len(view) - at} bytes left after element {n - 1})")
+        if at + 4 > len(view):
+            raise InvalidInput(f"input {INPUT_NAME!r}: {where}: element {len(out)} has a truncated 4-byte length")
+        size = struct.unpack_from("<I", view, at)[0]
+        at += 4
+        if at + size > len(view):
+            raise InvalidInput(f"input {INPUT_NAME!r}: {where}: element {len(out)} declares {size} bytes, "
+                               f"{len(view) - at} are left")
+        out.append(bytes(view[at:at + size]))
+        at += size
+    if len(out) != n:
+        raise InvalidInput(f"input {INPUT_NAME!r}: {where} holds {len(out)} elements, shape [{n}] needs {n}")
+    return out
+
+
+def request_encoded(request: pb.ModelInferRequest, max_images: int) -> list[bytes]:
+    """A gRPC ModelInferRequest's BYTES `images` tensor as N encoded image files."""
+    t = _one_input(request)
+    n = check_encoded_input(t.name, t.datatype, t.shape, max_images)
+    raw = request.raw_input_contents
+    typed = t.HasField("contents")
+    if raw and typed:
+        raise InvalidInput(f"input {INPUT_NAME!r}: both raw_input_contents and contents are set; send one")
+    if raw:
+        if len(raw) != 1:
+            raise InvalidInput(f"raw_input_contents: {len(raw)} entries for 1 input")
+        return split_bytes(raw[0], n, "raw_input_contents")
+    if typed:
+        items = list(t.contents.bytes_contents)
+        if len(items) != n:
+            raise InvalidInput(f"input {INPUT_NAME!r}: contents.bytes_contents has {len(items)} elements, "
+                               f"shape [{n}] needs {n}")
+        return items
+    raise InvalidInput(f"input {INPUT_NAME!r}: no data (neither raw_input_contents nor contents)")
+
+
+def json_encoded(data, n: int) -> list[bytes]:
+    """REST JSON `data` of the BYTES input -> n files.  A JSON string cannot carry arbitrary
+    bytes, and an image file is never UTF-8 text, so here each string is the file in base64
+    (RFC 4648, standard alphabet, padded); Triton's own reading (the string's UTF-8 bytes)
+    could not hold a PNG or a JPEG.  To send files as they are, use the binary data extension."""
+    where = f"input {INPUT_NAME!r}: data"
+    if not isinstance(data, list) or not all(isinstance(v, str) for v in data):
+        raise InvalidInput(f"{where} must be a JSON array of strings (each an image file in base64), got {_short(data)}")
+    if len(data) != n:
+        raise InvalidInput(f"{where} has {len(data)} elements, shape [{n}] needs {n}")
+    out = []
+    for i, v in enumerate(data):
+        try:
+            out.append(base64.b64decode(v, validate=True))
+        except (ValueError, binascii.Error):
+            raise InvalidInput(f"{where}[{i}]: not base64 (a JSON string holds an image file in base64; "
+                               f"send raw files with the binary data extension)") from None
+    return out
 
 
 # -------------------------------------------------------------------------------- outputs --
@@ -221,7 +321,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 class RestRequest(NamedTuple):
     id: str | None
-    images: np.ndarray  # float32 [N, 1, 28, 28] in [0, 1]
+    images: np.ndarray | list[bytes]  # float32 [N, 1, 28, 28] in [0, 1]; encoded=True: N image files
     outputs: list[tuple[str, int, bool]]  # (name, classification count or 0, binary)
     timeout_s: float | None  # Triton's `timeout` request parameter (given in microseconds)
 
@@ -254,8 +354,9 @@ def rest_split(body: bytes, header_length: str | None) -> tuple[bytes | memoryvi
     return view[:n], view[n:]
 
 
-def rest_request(header: bytes | memoryview, binary: memoryview, max_images: int) -> RestRequest:
-    """A REST inference request (its JSON header and the binary data after it) -> RestRequest."""
+def rest_request(header: bytes | memoryview, binary: memoryview, max_images: int, encoded: bool = False) -> RestRequest:
+    """A REST inference request (its JSON header and the binary data after it) -> RestRequest.
+    encoded: the image model's request (a BYTES input of image files; see rest_input)."""
     try:
         request = json.loads(bytes(header))
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting
@@ -272,13 +373,15 @@ def rest_request(header: bytes | memoryview, binary: memoryview, max_images: int
     timeout = params.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0):
         raise InvalidInput(f"parameters.timeout: must be a whole number of microseconds, got {_short(timeout)}")
-    x = rest_input(request.get("inputs"), binary, max_images)
+    x = rest_input(request.get("inputs"), binary, max_images, encoded)
     outputs = rest_outputs(request.get("outputs"), binary_default)
     return RestRequest(rid, x, outputs, None if not timeout else timeout / 1e6)
 
 
-def rest_input(inputs, binary: memoryview, max_images: int) -> np.ndarray:
-    """The REST request's `inputs` (and binary data) as float32 [N, 1, 28, 28] in [0, 1]."""
+def rest_input(inputs, binary: memoryview, max_images: int, encoded: bool = False) -> np.ndarray | list[bytes]:
+    """The REST request's `inputs` (and binary data) as float32 [N, 1, 28, 28] in [0, 1], or
+    (encoded) the image model's BYTES [N] as N files: binary data as raw contents carry BYTES
+    (4-byte lengths), JSON `data` as base64 strings (json_encoded)."""
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput(f"inputs: the request has no inputs; the model takes {INPUT_NAME!r}")
     if len(inputs) != 1:
@@ -294,7 +397,7 @@ def rest_input(inputs, binary: memoryview, max_images: int) -> np.ndarray:
         raise InvalidInput(f"input {name!r}: shape must be a list of integers, got {_short(shape)}")
     if not isinstance(datatype, str):
         raise InvalidInput(f"input {name!r}: datatype must be a string, got {_short(datatype)}")
-    n = check_input(name, datatype, shape, max_images)
+    n = (check_encoded_input if encoded else check_input)(name, datatype, shape, max_images)
     size = _object(t.get("parameters"), "inputs[0].parameters").get("binary_data_size")
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -304,12 +407,16 @@ def rest_input(inputs, binary: memoryview, max_images: int) -> np.ndarray:
         if size != len(binary):
             raise InvalidInput(f"input {INPUT_NAME!r}: binary_data_size is {size} but {len(binary)} bytes of binary "
                                f"data follow the JSON header ({HEADER_LENGTH})")
+        if encoded:
+            return split_bytes(binary, n, "binary data")
         return _array(n, datatype, shape, bytes(binary), "binary data")  # a copy: aligned
     if len(binary):
         raise InvalidInput(f"{len(binary)} bytes of binary data follow the JSON header, but no input has "
                            f"parameters.binary_data_size")
     if "data" not in t:
         raise InvalidInput(f"input {INPUT_NAME!r}: no data (neither data nor parameters.binary_data_size)")
+    if encoded:
+        return json_encoded(t["data"], n)
     return _array(n, datatype, shape, _json_values(t["data"], datatype), "data")
 
 

@@ -33,6 +33,9 @@ INPUT_CONTRACT = {
 # ---- the model's name on the v2 (KServe / Triton) API ----
 MODEL_NAME = "network3"
 MODEL_VERSION = "1"
+# The same model behind a BYTES input: `images` [N], one encoded image file (PNG, JPEG, ...)
+# per element, decoded by the server's photo pipeline (serving.preprocess).
+IMAGE_MODEL_NAME = "network3-image"
 
 # ---- default limits (each is a `network3 serve` option) ----
 MAX_PIXELS = 40_000_000  # per decoded image, width x height: a 48 MP photo needs more

@@ -6,12 +6,16 @@ Protocol REST API as tritonclient.http and perf_analyzer speak it, and the route
     GET  /v2                                        server metadata
     GET  /v2/models/{model}[/versions/{version}]    model metadata; .../ready, .../config
                                                     (Triton's ModelConfig as JSON), .../stats
-    GET  /v2/models/stats                           every model's statistics (the one there is)
+    GET  /v2/models/stats                           every model's statistics (both share counters)
+    POST /v2/repository/index                       the models: network3 and network3-image
     POST /v2/models/{model}[/versions/{version}]/infer
          JSON tensors (`data` flat or nested), Triton's binary tensor data extension both ways
          (Inference-Header-Content-Length, binary_data_size, binary_data, binary_data_output),
          the classification extension (an output's `classification` parameter), and
          Triton's `timeout` request parameter (microseconds) as the deadline.
+         network3-image (contract.IMAGE_MODEL_NAME) takes `images` BYTES [N] of encoded
+         files: binary data as 4-byte little-endian length-prefixed elements (what
+         tritonclient.http sends), or JSON `data` as strings, each a file in base64.
 
 The metadata, config and statistics are the protos the gRPC servicer answers (built once, in
 api/inference.py), written as JSON with int64 fields as numbers, as Triton writes them; the
@@ -41,7 +45,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
 from .. import codec
-from ..errors import Network3Error, TooLarge, Unauthenticated, Unavailable, http_status
+from ..errors import InvalidInput, Network3Error, TooLarge, Unauthenticated, Unavailable, http_status
 from . import inference, v1
 from .common import IMAGES, REQUEST_ID_KEY, Serving, now, safe_id
 
@@ -64,6 +68,7 @@ def build_app(serving: Serving, token: str | None = None) -> web.Application:
     r.add_get("/v2/health/ready", v2.ready, name="ServerReady")
     r.add_get("/v2", v2.server_metadata, name="ServerMetadata")
     r.add_get("/v2/models/stats", v2.statistics, name="ModelStatisticsAll")
+    r.add_post("/v2/repository/index", v2.repository_index, name="RepositoryIndex")
     for base, suffix in (("/v2/models/{model}", ""), ("/v2/models/{model}/versions/{version}", "Version")):
         r.add_get(base, v2.model_metadata, name=f"ModelMetadata{suffix}")
         r.add_get(f"{base}/ready", v2.model_ready, name=f"ModelReady{suffix}")
@@ -213,9 +218,28 @@ class V2:
         return json_response(meta)
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        inference.check_model(self.serving, *_model(request))
+        name, version = _model(request)
+        inference.check_model(self.serving, name, version)
         ready = self.serving.is_ready()
-        return json_response({"name": self.serving.model_name, "ready": ready}, 200 if ready else 400)
+        return json_response({"name": name, "ready": ready}, 200 if ready else 400)
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        """Triton's repository index: every model with its version and state.  An optional
+        JSON body {"ready": true} lists only the ready ones (all or none here)."""
+        body = await request.read()
+        try:
+            options = json.loads(body) if body.strip() else {}
+        except ValueError:
+            options = None
+        if not isinstance(options, dict) or not isinstance(options.get("ready", False), bool):
+            raise InvalidInput('request body: expected nothing or a JSON object such as {"ready": true}')
+        s = self.serving
+        ready = s.is_ready()
+        if options.get("ready") and not ready:
+            return json_response([])
+        state = "READY" if ready else "UNAVAILABLE"
+        return json_response([{"name": name, "version": s.model_version, "state": state}
+                              for name in inference.model_names(s)])
 
     async def model_config(self, request: web.Request) -> web.Response:
         return json_response(proto_json(inference.model_config(self.serving, *_model(request))))
@@ -228,18 +252,20 @@ class V2:
         s = self.serving
         t0, ok = now(), False
         try:
-            inference.check_model(s, *_model(request))
+            name, version = _model(request)
+            encoded = inference.check_model(s, name, version)
             body = await request.read()
             header, binary = codec.rest_split(body, request.headers.get(codec.HEADER_LENGTH))
             limit = s.limits.max_images_per_request
             if len(header) > PARSE_INLINE_BYTES:
                 r = await asyncio.get_running_loop().run_in_executor(s.decode_pool, codec.rest_request, header,
-                                                                     binary, limit)
+                                                                     binary, limit, encoded)
             else:
-                r = codec.rest_request(header, binary, limit)
+                r = codec.rest_request(header, binary, limit, encoded)
             request[IMAGES] = len(r.images)
-            logits, probs, model = await s.batcher.infer(r.images, None if r.timeout_s is None else t0 + r.timeout_s)
-            body, header_length = codec.rest_response(r, logits, probs, model.labels, s.model_name, s.model_version)
+            x = await inference.decode_images(s, r.images) if encoded else r.images
+            logits, probs, model = await s.batcher.infer(x, None if r.timeout_s is None else t0 + r.timeout_s)
+            body, header_length = codec.rest_response(r, logits, probs, model.labels, name, s.model_version)
             ok = True
         finally:
             s.stats.record_model_request(ok, now() - t0)

@@ -1,22 +1,29 @@
 """inference.GRPCInferenceService: the KServe v2 / Triton protocol, as tritonclient and
 perf_analyzer speak it.  Tensors in, numpy arrays to the batcher, tensors out.
 
-Inputs: one tensor `images` [N, 1, 28, 28], FP32 in [0, 1] or UINT8 (scaled by 1/255), in
-`raw_input_contents` or typed `contents` (never both).  Outputs go back in
+Two models.  `network3` (contract.MODEL_NAME, or --model-name): one tensor `images`
+[N, 1, 28, 28], FP32 in [0, 1] or UINT8 (scaled by 1/255), in `raw_input_contents` or typed
+`contents` (never both).  `network3-image` (contract.IMAGE_MODEL_NAME): one tensor `images`
+BYTES [N], each element an encoded image file (PNG, JPEG, ...: preprocess.FORMATS) that goes
+through the photo pipeline (preprocess.decode_many in the decode pool, off the event loop;
+Limits.max_pixels), in `raw_input_contents` (4-byte little-endian length-prefixed elements)
+or `contents.bytes_contents`; the first bad file fails the request naming its index.  Both
+answer the same outputs from the same batcher and model.  Outputs go back in
 `raw_output_contents`, which is what tritonclient reads.  The classification extension: an
 output requested with the int64 parameter `classification` = k answers BYTES [N, k] of
 "<value>:<index>:<label>", most probable first.
 """
 from __future__ import annotations
 
+import asyncio
 import datetime
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference import model_config_pb2 as mc
 
-from .. import __version__, codec
-from ..contract import INPUT_NAME, MODEL_NAME, OUTPUT_NAMES
+from .. import __version__, codec, preprocess
+from ..contract import IMAGE_MODEL_NAME, INPUT_NAME, MODEL_NAME, OUTPUT_NAMES
 from ..errors import ModelNotFound, Network3Error
 from .common import Servicer, deadline_of, now, pipelined, rpc
 
@@ -44,7 +51,7 @@ class InferenceServicer(Servicer, pb_grpc.GRPCInferenceServiceServicer):
     @rpc(pb.ModelReadyRequest)
     async def ModelReady(self, request, context):
         s = self.serving
-        known = request.name == s.model_name and request.version in ("", s.model_version)
+        known = request.name in model_names(s) and request.version in ("", s.model_version)
         return pb.ModelReadyResponse(ready=known and s.is_ready())
 
     @rpc(pb.ServerMetadataRequest)
@@ -90,24 +97,45 @@ class InferenceServicer(Servicer, pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest, deadline) -> pb.ModelInferResponse:
         s = self.serving
-        check_model(s, request.model_name, request.model_version)
-        x = codec.request_input(request, s.limits.max_images_per_request)
-        outputs = codec.requested_outputs(request)
+        encoded = check_model(s, request.model_name, request.model_version)
+        limit = s.limits.max_images_per_request
+        if encoded:
+            files = codec.request_encoded(request, limit)
+            outputs = codec.requested_outputs(request)  # checked before any decoding
+            x = await decode_images(s, files)
+        else:
+            x = codec.request_input(request, limit)
+            outputs = codec.requested_outputs(request)
         logits, probs, model = await s.batcher.infer(x, deadline)
-        return codec.response(request, outputs, logits, probs, model.labels, s.model_name, s.model_version)
+        return codec.response(request, outputs, logits, probs, model.labels, request.model_name, s.model_version)
+
+
+async def decode_images(s, files: list[bytes]):
+    """The image model's files -> float32 [N, 1, 28, 28]: decoded in the decode pool (off the
+    event loop) by preprocess.decode_many; the first bad file fails the request naming its index
+    ("image 3: ..."), InvalidInput, or TooLarge over Limits.max_pixels."""
+    return await asyncio.get_running_loop().run_in_executor(s.decode_pool, preprocess.images_to_input, files,
+                                                            s.limits.max_pixels)
 
 
 # ---------------------------------------------------------------------------------------------
 # What the v2 metadata, config and statistics calls answer, as protos: the gRPC servicer sends
 # them as they are, the HTTP adapter (api/http.py) as JSON.  Built here once.
 
-def check_model(s, name: str, version: str) -> None:
-    """ModelNotFound unless `name` (and `version`, "" for any) is the model served."""
-    if name != s.model_name:
-        raise ModelNotFound(f"model_name: unknown model {name!r}; this server serves {s.model_name!r}")
+def model_names(s) -> tuple[str, str]:
+    """The models served: the tensor model (s.model_name) and the image model, in that order."""
+    return s.model_name, IMAGE_MODEL_NAME
+
+
+def check_model(s, name: str, version: str) -> bool:
+    """Which model `name` is: False for the tensor model, True for the image model (BYTES input
+    of encoded files).  ModelNotFound unless it is one of them (and `version`, "" for any, theirs)."""
+    names = model_names(s)
+    if name not in names:
+        raise ModelNotFound(f"model_name: unknown model {name!r}; this server serves {' and '.join(map(repr, names))}")
     if version not in ("", s.model_version):
-        raise ModelNotFound(f"model_version: {s.model_name!r} has no version {version!r} "
-                            f"(only {s.model_version!r})")
+        raise ModelNotFound(f"model_version: {name!r} has no version {version!r} (only {s.model_version!r})")
+    return name != s.model_name
 
 
 def server_metadata() -> pb.ServerMetadataResponse:
@@ -116,21 +144,25 @@ def server_metadata() -> pb.ServerMetadataResponse:
 
 
 def model_metadata(s, name: str, version: str = "") -> pb.ModelMetadataResponse:
-    check_model(s, name, version)
+    encoded = check_model(s, name, version)
     model = s.model
     T = pb.ModelMetadataResponse.TensorMetadata
+    # Both models are the one ONNX graph run by onnxruntime; the image model decodes first.
     return pb.ModelMetadataResponse(
-        name=s.model_name, versions=[s.model_version], platform="onnxruntime_onnx",
-        inputs=[T(name=INPUT_NAME, datatype="FP32", shape=model.input_shape)],
+        name=name, versions=[s.model_version], platform="onnxruntime_onnx",
+        inputs=[T(name=INPUT_NAME, datatype=codec.BYTES, shape=[-1]) if encoded
+                else T(name=INPUT_NAME, datatype="FP32", shape=model.input_shape)],
         outputs=[T(name=name, datatype="FP32", shape=model.output_shapes[name]) for name in OUTPUT_NAMES],
         parameters={k: pb.InferParameter(string_param=v) for k, v in model_facts(model).items()},
     )
 
 
 def model_config(s, name: str, version: str = "") -> mc.ModelConfig:
-    check_model(s, name, version)
+    encoded = check_model(s, name, version)
     model, o = s.model, s.batcher.options
     gpu = any(p.startswith("CUDA") for p in model.providers)
+    if encoded:
+        return _image_model_config(s, model, o, gpu)
     config = mc.ModelConfig(
         name=s.model_name, platform="onnxruntime_onnx", backend="onnxruntime",
         max_batch_size=o.max_batch_size,
@@ -151,16 +183,43 @@ def model_config(s, name: str, version: str = "") -> mc.ModelConfig:
     return config
 
 
+def _image_model_config(s, model, o, gpu: bool) -> mc.ModelConfig:
+    """The image model's config.  Triton writes a BYTES input as TYPE_STRING.  With
+    max_batch_size > 0 a config's dims leave out the batch dimension, so one string per image
+    would be dims [1], the tensor [N, 1], and no dims describe the [N] the metadata shows (a
+    `reshape` would only change what the backend sees, not what clients send).  So, as Triton
+    writes a model that takes a variable-length batch as its own dimension: max_batch_size 0,
+    dims [-1] (the full shape, as the outputs' [-1, 10]), and no dynamic_batching section,
+    which Triton allows only with max_batch_size > 0.  Our batcher still batches this model's
+    requests with the tensor model's (statistics' batch_stats).  tritonclient reads it as it
+    is; perf_analyzer sends -b 1 (it cannot scale a max_batch_size 0 model's batch) and needs
+    the element count and real files: `--shape images:N` with `--input-data` JSON whose
+    elements are {"b64": "<the file>"} (its random strings are not images: 400)."""
+    return mc.ModelConfig(
+        name=IMAGE_MODEL_NAME, platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=0,
+        input=[mc.ModelInput(name=INPUT_NAME, data_type=mc.TYPE_STRING, format=mc.ModelInput.FORMAT_NONE, dims=[-1])],
+        output=[mc.ModelOutput(name=name, data_type=mc.TYPE_FP32, dims=model.output_shapes[name])
+                for name in OUTPUT_NAMES],
+        instance_group=[mc.ModelInstanceGroup(name=IMAGE_MODEL_NAME, count=o.instances,
+                                              kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU)],
+        default_model_filename=model.path.name,
+        parameters={k: mc.ModelParameter(string_value=v) for k, v in model_facts(model).items()},
+    )
+
+
 def model_statistics(s, name: str = "", version: str = "") -> pb.ModelStatisticsResponse:
-    """The served model's statistics (`name` "" for every model: the one there is)."""
+    """The statistics of model `name`, or ("") of every model, the tensor model first.  Both
+    models share one batcher and one set of counters, so their entries carry the same numbers:
+    each counts the requests and images of both (do not add them up)."""
     if name:
         check_model(s, name, version)
+    names = [name] if name else list(model_names(s))
     st = s.stats
     D = pb.StatisticDuration
     ns = lambda seconds: int(seconds * 1e9)  # noqa: E731
     ok, fail, comp = st.model_ok, st.model_fail, st.request_compute
     stats = pb.ModelStatistics(
-        name=s.model_name, version=s.model_version, last_inference=st.last_inference_ms,
+        name=names[0], version=s.model_version, last_inference=st.last_inference_ms,
         inference_count=st.inference_count(), execution_count=st.execution_count(),
         inference_stats=pb.InferStatistics(
             success=D(count=ok[0], ns=ns(ok[1])), fail=D(count=fail[0], ns=ns(fail[1])),
@@ -170,7 +229,12 @@ def model_statistics(s, name: str = "", version: str = "") -> pb.ModelStatistics
         batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=D(count=b[0], ns=ns(b[1])))
                      for size, b in sorted(st.batches.items())],
     )
-    return pb.ModelStatisticsResponse(model_stats=[stats])
+    entries = [stats]
+    for other in names[1:]:
+        entries.append(pb.ModelStatistics())
+        entries[-1].CopyFrom(stats)
+        entries[-1].name = other
+    return pb.ModelStatisticsResponse(model_stats=entries)
 
 
 def model_facts(model) -> dict[str, str]:
