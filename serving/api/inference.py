@@ -193,8 +193,10 @@ def _image_model_config(s, model, o, gpu: bool) -> mc.ModelConfig:
     which Triton allows only with max_batch_size > 0.  Our batcher still batches this model's
     requests with the tensor model's (statistics' batch_stats).  tritonclient reads it as it
     is; perf_analyzer sends -b 1 (it cannot scale a max_batch_size 0 model's batch) and needs
-    the element count and real files: `--shape images:N` with `--input-data` JSON whose
-    elements are {"b64": "<the file>"} (its random strings are not images: 400)."""
+    the element count and real files: `--shape images:N` and `--input-data` JSON
+    {"data": [{"images": {"b64": ..., "shape": [N]}}]}, the b64 being the tensor as raw
+    contents carry it (each file after its 4-byte little-endian length); its random strings
+    are not images (400).  tests/serving/test_image_model.py runs it so, over gRPC and HTTP."""
     return mc.ModelConfig(
         name=IMAGE_MODEL_NAME, platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=0,
         input=[mc.ModelInput(name=INPUT_NAME, data_type=mc.TYPE_STRING, format=mc.ModelInput.FORMAT_NONE, dims=[-1])],

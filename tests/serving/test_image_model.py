@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from fixtures_serving import ROOT, png, thread_server
+from serving.launch import perf_analyzer
 from protos.inference import grpc_service_pb2 as pb
 from serving.contract import IMAGE_MODEL_NAME, MODEL_NAME
 from serving.preprocess import decode_many
@@ -344,3 +345,26 @@ def test_grpc_errors(probe):
     assert e["unknown"][0] == "StatusCode.NOT_FOUND" and "lenet" in e["unknown"][1]
     assert e["metadata unknown"][0] == "StatusCode.NOT_FOUND"
     assert probe["fp32 to network3"] == 1  # the tensor model is unchanged
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_perf_analyzer_reads_the_config_and_sends_files(srv, files, tmp_path, protocol):
+    """max_batch_size 0 and dims [-1] (api.inference._image_model_config): perf_analyzer sends
+    batch 1 with --shape, and real files as b64 of the raw tensor (4-byte length, then the file)."""
+    found = perf_analyzer()
+    if found is None:
+        pytest.skip("perf_analyzer cannot load here (needs libb64-0d and nvidia-cuda-runtime-cu12; `make bench-serve` installs them)")
+    binary, env = found
+    data = files[0][:2]
+    raw = b"".join(len(d).to_bytes(4, "little") + d for d in data)
+    (tmp_path / "input.json").write_text(json.dumps(
+        {"data": [{"images": {"b64": base64.b64encode(raw).decode(), "shape": [len(data)]}}]}))
+    url = srv.address if protocol == "grpc" else f"127.0.0.1:{srv.http_port}"
+    failed = srv.stats.model_fail[0]
+    r = subprocess.run([str(binary), "-m", IMAGE_MODEL_NAME, "-u", url, "-i", protocol, "--input-data",
+                        str(tmp_path / "input.json"), "--shape", f"images:{len(data)}", "--concurrency-range", "1",
+                        "--measurement-mode", "count_windows", "--measurement-request-count", "20", "-s", "1000"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Server:" in r.stdout and "Successful request count" in r.stdout
+    assert srv.stats.model_fail[0] == failed  # every request it sent was answered
