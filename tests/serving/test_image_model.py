@@ -368,3 +368,26 @@ def test_perf_analyzer_reads_the_config_and_sends_files(srv, files, tmp_path, pr
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "Server:" in r.stdout and "Successful request count" in r.stdout
     assert srv.stats.model_fail[0] == failed  # every request it sent was answered
+
+
+def test_codec_splits_bytes_elements_exactly():
+    from serving import codec
+    from serving.errors import InvalidInput, TooLarge
+
+    def raw(*items: bytes) -> bytes:
+        return b"".join(len(i).to_bytes(4, "little") + i for i in items)
+
+    assert codec.split_bytes(raw(b"ab", b"", b"c"), 3, "x") == [b"ab", b"", b"c"]
+    for data, n, why in [(raw(b"ab"), 2, "1 elements"), (raw(b"ab", b"c"), 1, "more than"),
+                         (raw(b"ab")[:-1], 1, "declares 2 bytes"), (raw(b"ab") + b"\0\0", 2, "truncated")]:
+        with pytest.raises(InvalidInput, match=why):
+            codec.split_bytes(data, n, "x")
+    with pytest.raises(TooLarge):
+        codec.check_encoded_input("images", "BYTES", [65], 64)
+    for shape in ([], [2, 1], [0], [-1]):
+        with pytest.raises(InvalidInput, match="expected \\[N\\]"):
+            codec.check_encoded_input("images", "BYTES", shape, 64)
+    with pytest.raises(InvalidInput, match="unknown input 'image'"):
+        codec.check_encoded_input("image", "BYTES", [1], 64)
+    with pytest.raises(InvalidInput, match="network3-image"):
+        codec.check_input("images", "BYTES", [1], 64)
