@@ -309,7 +309,7 @@ def compare_stacks(args, binary, env, interval: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True, help="the ONNX file to serve")
-    ap.add_argument("--interval-ms", type=int, default=3000, help="perf_analyzer measurement window")
+    ap.add_argument("--interval-ms", type=int, help="perf_analyzer's measurement window (default 3000, 500 with --quick)")
     ap.add_argument("--intra-op-threads", type=int, default=1)
     ap.add_argument("--requests", type=int, default=2000, help="sequential POSTs to /v1/classify")
     ap.add_argument("--image", type=Path, help="the PNG to POST (default: an MNIST test 7)")
@@ -317,13 +317,13 @@ def main() -> None:
     ap.add_argument("--stacks", default="aiohttp,starlette,starlette httptools",
                     help="with --compare-stacks: the first is the baseline of the ratios")
     ap.add_argument("--rounds", type=int, default=2, help="with --compare-stacks")
-    ap.add_argument("--quick", action="store_true", help="short windows, for a smoke run")
+    ap.add_argument("--quick", action="store_true", help="short windows, no wait for stable ones: a smoke run")
     ap.add_argument("--out", type=Path, help="default bench-results/http.md (http-stacks.md with --compare-stacks)")
     args = ap.parse_args()
     args.model = args.model.resolve()  # the servers run from the repo root
     if not args.model.exists():
         sys.exit(f"{args.model}: no such model; run `make train export` (or pass --model)")
-    interval = 500 if args.quick else args.interval_ms
+    interval = args.interval_ms or (500 if args.quick else 3000)
     out = args.out or ROOT / "bench-results" / ("http-stacks.md" if args.compare_stacks else "http.md")
     binary, env = perf_analyzer_env()
     text = (compare_stacks if args.compare_stacks else bench)(args, binary, env, interval)

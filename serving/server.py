@@ -20,6 +20,8 @@ from pathlib import Path
 import click
 import grpc
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -61,6 +63,26 @@ class ServerOptions:
     tls_client_ca: Path | None = None
     token_file: Path | None = None
     access_log: bool = True
+    # HTTP: a connection that has not sent a whole request (an idle keep-alive one, or a slow
+    # client still dribbling its headers) is closed this many seconds after it opened or after
+    # its last answer (aiohttp's keepalive_timeout; its default is an hour).
+    http_idle_timeout: float = 75.0
+
+
+class _ProtocolLog(logging.LoggerAdapter):
+    """aiohttp's connection-level log (the server's `logger`): a request it cannot parse (a bad
+    request line, header or chunk size, a lying Content-Length: the client's fault, answered
+    400 by aiohttp before any handler runs) is one line at INFO, not an ERROR with a traceback
+    that any client could fill the log with."""
+
+    def exception(self, msg, *args, exc_info=True, **kwargs):
+        # RequestPayloadError: a body that cannot be read (bad gzip), met again while aiohttp
+        # reads and drops what is left of it after the answer.
+        if isinstance(exc_info, (HttpProcessingError, RequestPayloadError, ConnectionError)):
+            why = " ".join(str(exc_info).split())[:300]
+            self.info(f"{msg}: %s: %s", *args, type(exc_info).__name__, why)
+        else:
+            self.error(msg, *args, exc_info=exc_info, **kwargs)
 
 
 class StartupError(Exception):
@@ -201,7 +223,9 @@ class Network3Server:
         o = self.options
         context = ssl_context(o) if o.tls_cert else None
         runner = web.AppRunner(build_app(self.serving, token), handle_signals=False, access_log=None,
-                               shutdown_timeout=1.0)  # stop() has already waited for requests in flight
+                               shutdown_timeout=1.0,  # stop() has already waited for requests in flight
+                               keepalive_timeout=o.http_idle_timeout,
+                               logger=_ProtocolLog(logging.getLogger("network3.http"), {}))
         await runner.setup()
         site = web.TCPSite(runner, o.host, o.http_port, ssl_context=context, reuse_port=False)
         try:
@@ -361,6 +385,9 @@ B, L, M, S = BatcherOptions, Limits, ModelOptions, ServerOptions
 @click.option("--http-port", default=S.http_port, type=click.IntRange(0, 65535), envvar="NETWORK3_HTTP_PORT",
               help="HTTP/1.1 port: the v2 REST API, /v1 and the page (0: any free port).")
 @click.option("--no-http", is_flag=True, help="Serve no HTTP, gRPC only.")
+@click.option("--http-idle-timeout", default=S.http_idle_timeout, type=click.FloatRange(0, min_open=True),
+              help="Close an HTTP connection that has not sent a whole request this many seconds after it opened "
+                   "or after its last answer (idle keep-alive connections, slow clients).")
 @click.option("--model-name", default=S.model_name, help="The model's name on the v2 inference API.")
 @click.option("--max-batch-size", default=B.max_batch_size, type=click.IntRange(1), help="Images per onnxruntime call at most.")
 @click.option("--max-queue-delay-us", default=B.max_queue_delay_us, type=click.IntRange(0),
@@ -389,7 +416,7 @@ B, L, M, S = BatcherOptions, Limits, ModelOptions, ServerOptions
 @click.option("--access-log/--no-access-log", default=S.access_log, help="One line per RPC or HTTP request on stderr: id, method, status, images, latency.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Log level of the server's own messages.")
-def serve_command(model, host, port, http_port, no_http, model_name, max_batch_size, max_queue_delay_us, max_queue_size, instances,
+def serve_command(model, host, port, http_port, no_http, http_idle_timeout, model_name, max_batch_size, max_queue_delay_us, max_queue_size, instances,
                   batching, inline_max_images, intra_op_threads, max_message_bytes, max_images_per_request, max_pixels,
                   grace, metrics_port, tls_cert, tls_key, tls_client_ca, token_file, access_log, log_level):
     """Serve an ONNX model over gRPC (network3.v1.DigitClassifier and the Triton/KServe v2 API) and
@@ -409,7 +436,7 @@ def serve_command(model, host, port, http_port, no_http, model_name, max_batch_s
                       max_message_bytes=max_message_bytes),
         model_options=ModelOptions(intra_op_threads=intra_op_threads),
         grace=grace, metrics_port=metrics_port, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
-        token_file=token_file, access_log=access_log,
+        token_file=token_file, access_log=access_log, http_idle_timeout=http_idle_timeout,
     )
     try:
         code = asyncio.run(serve(options))
