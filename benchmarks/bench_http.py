@@ -5,8 +5,9 @@
   * `reference`: benchmarks/reference_http.py, aiohttp with onnxruntime called inline.
 
 Cases: 1-image requests with JSON tensors at concurrency 1 and 16, 64-image requests with
-Triton's binary tensor data at concurrency 16 (all-zero FP32 input), the servers alternating
-case by case (both run throughout, only one is loaded at a time).  Then POSTs of a real MNIST
+Triton's binary tensor data at concurrency 16 (all-zero FP32 input), each case run against
+network3 over HTTP, the reference, and network3 over gRPC one after the other, who goes first
+rotating from case to case (both servers run throughout, only one is loaded at a time).  Then POSTs of a real MNIST
 PNG to network3's /v1/classify, one after the other on one keep-alive connection (as
 `curl --data-binary @seven.png host:8000/v1/classify`), with p50 and p99.  Prints a markdown
 table, the goals as ratios within this one run, and writes --out.
@@ -27,6 +28,7 @@ import csv
 import http.client
 import importlib.metadata
 import io
+import json
 import os
 import re
 import statistics
@@ -152,6 +154,50 @@ def classify_latency(host: str, port: int, png: bytes, n: int, warmup: int = 50)
             "mean": float(ms.mean()), "per_s": n / sum(times), "answer": answer.decode()[:120]}
 
 
+def v2_body(images: int, binary: bool) -> tuple[bytes, dict]:
+    """A v2 REST infer request for `images` all-zero images, as perf_analyzer sends it."""
+    outputs = [{"name": n, "parameters": {"binary_data": binary}} for n in ("logits", "probabilities")]
+    t = {"name": "images", "shape": [images, 1, 28, 28], "datatype": "FP32"}
+    zeros = np.zeros(images * 784, np.float32)
+    if not binary:
+        t["data"] = zeros.tolist()
+        return json.dumps({"inputs": [t], "outputs": outputs}).encode(), {"Content-Type": "application/json"}
+    t["parameters"] = {"binary_data_size": zeros.nbytes}
+    head = json.dumps({"inputs": [t], "outputs": outputs}).encode()
+    return head + zeros.tobytes(), {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid`, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_request(server: ServerProcess, port: int, images: int, binary: bool, n: int) -> tuple[float, float]:
+    """(server CPU us, wall us) per request: n v2 infer requests one after the other on one
+    keep-alive connection.  CPU time per request barely moves when other work shares the
+    cores, unlike requests/s: the figure to compare on a busy machine."""
+    body, headers = v2_body(images, binary)
+    conn = http.client.HTTPConnection(server.host, port, timeout=30)
+    path = f"/v2/models/{MODEL_NAME}/infer"
+
+    def send() -> None:
+        conn.request("POST", path, body=body, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"infer answered {response.status}: {data[:300]!r}")
+
+    for _ in range(20):
+        send()
+    c0, t0 = process_cpu_s(server.pid), time.perf_counter()
+    for _ in range(n):
+        send()
+    wall, cpu = time.perf_counter() - t0, process_cpu_s(server.pid) - c0
+    conn.close()
+    return cpu / n * 1e6, wall / n * 1e6
+
+
 # ---------------------------------------------------------------------------- machine --
 
 def machine() -> str:
@@ -200,6 +246,33 @@ def table(results: list[Result]) -> list[str]:
     return lines
 
 
+CPU_CASES = ((1, False, "1 image, JSON tensors"), (64, True, "64 images, binary tensors"))
+
+
+def cpu_table(servers: dict[str, tuple[ServerProcess, int]], n: int, rounds: int) -> list[str]:
+    """Server CPU and wall time per request, sequential requests, servers interleaved."""
+    rows: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for _ in range(rounds):
+        for images, binary, what in CPU_CASES:
+            for name, (server, port) in servers.items():
+                count = n if images == 1 else max(n // 10, 20)
+                print(f"{name}: {count} sequential requests, {what}, server CPU ...", file=sys.stderr, flush=True)
+                rows.setdefault((what, name), []).append(cpu_per_request(server, port, images, binary, count))
+    first = next(iter(servers))
+    lines = [f"Server CPU per request (all the server process's threads, /proc; requests one after the other on one "
+             f"keep-alive connection, {n:,} of 1 image, {max(n // 10, 20):,} of 64, median of {rounds} interleaved "
+             f"rounds): the comparison that holds on a busy machine.", "",
+             "| requests | server | server CPU us/request | wall us/request | CPU vs " + first + " |",
+             "|---|---|---:|---:|---:|"]
+    for _, _, what in CPU_CASES:
+        base = statistics.median(c for c, _ in rows[(what, first)])
+        for name in servers:
+            cpu = statistics.median(c for c, _ in rows[(what, name)])
+            wall = statistics.median(w for _, w in rows[(what, name)])
+            lines.append(f"| {what} | {name} | {cpu:,.0f} | {wall:,.0f} | {cpu / base:.2f}x |")
+    return lines
+
+
 def start(kind: str, model: Path, threads: int, log: Path) -> ServerProcess:
     """`kind`'s server on free loopback ports, started and waited for."""
     if kind == "network3":  # as bench_serve: metrics on, access log on (the default), batcher on
@@ -225,14 +298,14 @@ def bench(args, binary, env, interval: int) -> str:
             ref = start("aiohttp", args.model, args.intra_op_threads, Path(tmp) / "reference.log")
             try:
                 http_address = f"{ours.host}:{ours.http_port}"
-                for i, case in enumerate(cases):  # alternate who goes first
-                    order = [("network3", http_address), ("reference", ref.address)]
-                    for server, address in (order if i % 2 == 0 else order[::-1]):
-                        print(f"{server}: {case.label}, concurrency {case.concurrency} ...", file=sys.stderr, flush=True)
-                        results.append(run_perf(binary, env, address, case, interval, server, args.quick))
-                for case in grpc:
-                    print(f"network3: {case.label}, concurrency {case.concurrency} ...", file=sys.stderr, flush=True)
-                    results.append(run_perf(binary, env, ours.address, case, interval, "network3", args.quick))
+                for i, (case, grpc_case) in enumerate(zip(cases, grpc)):  # who goes first rotates
+                    runs = [("network3", http_address, case), ("reference", ref.address, case),
+                            ("network3", ours.address, grpc_case)]
+                    for server, address, c in runs[i % 3:] + runs[:i % 3]:
+                        print(f"{server}: {c.label}, concurrency {c.concurrency} ...", file=sys.stderr, flush=True)
+                        results.append(run_perf(binary, env, address, c, interval, server, args.quick))
+                cpu = cpu_table({"reference": (ref, ref.port), "network3": (ours, ours.http_port)},
+                                args.cpu_requests, args.cpu_rounds)
             finally:
                 ref.stop()
             print(f"network3: {args.requests} POSTs to /v1/classify ...", file=sys.stderr, flush=True)
@@ -258,6 +331,7 @@ def bench(args, binary, env, interval: int) -> str:
                      f"{r.p50_ms:.3f} ms")
     lines.append(f"- `/v1/classify` p50 {lat['p50']:.3f} ms (goal < 5 ms on an idle machine: "
                  f"{'met' if lat['p50'] < 5 else 'NOT met'})")
+    lines += [""] + cpu
     lines += ["", "HTTP's cost beside gRPC's, network3 (same requests, gRPC's tensors raw bytes):"]
     for case in cases:
         h, g = find("network3", "http", case.images, case.concurrency), find("network3", "grpc", case.images, case.concurrency)
@@ -284,6 +358,7 @@ def compare_stacks(args, binary, env, interval: int) -> str:
                         r = run_perf(binary, env, servers[s].address, case, interval, s, args.quick)
                         r.note = f"round {rnd + 1}" + (f", {r.note}" if r.note else "")
                         results.append(r)
+            cpu = cpu_table({s: (servers[s], servers[s].port) for s in stacks}, args.cpu_requests, args.cpu_rounds)
         finally:
             for server in servers.values():
                 server.stop()
@@ -303,6 +378,7 @@ def compare_stacks(args, binary, env, interval: int) -> str:
                          f"{stacks[0]} ({', '.join(f'{x:.2f}' for x in ratios)}); p50 {s} "
                          f"{statistics.median(r.p50_ms for r in results if r.server == s and r.case == case):.3f} ms vs "
                          f"{statistics.median(r.p50_ms for r in results if r.server == stacks[0] and r.case == case):.3f} ms")
+    lines += [""] + cpu
     return "\n".join(lines) + "\n"
 
 
@@ -312,6 +388,8 @@ def main() -> None:
     ap.add_argument("--interval-ms", type=int, help="perf_analyzer's measurement window (default 3000, 500 with --quick)")
     ap.add_argument("--intra-op-threads", type=int, default=1)
     ap.add_argument("--requests", type=int, default=2000, help="sequential POSTs to /v1/classify")
+    ap.add_argument("--cpu-requests", type=int, default=2000, help="sequential 1-image requests per CPU round")
+    ap.add_argument("--cpu-rounds", type=int, default=3)
     ap.add_argument("--image", type=Path, help="the PNG to POST (default: an MNIST test 7)")
     ap.add_argument("--compare-stacks", action="store_true", help="only the thin servers' stacks, interleaved")
     ap.add_argument("--stacks", default="aiohttp,starlette,starlette httptools",
