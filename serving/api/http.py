@@ -56,6 +56,7 @@ REQUEST_ID = "X-Request-ID"
 OPEN_ROUTES = ("/v2/health/", "/web/")  # route prefixes served without a token (and "/")
 PARSE_INLINE_BYTES = 256 * 1024  # larger JSON headers are parsed in the decode pool, off the loop
 JSON = "application/json"
+HTTP_VERSIONS = ((1, 0), (1, 1))
 
 
 def build_app(serving: Serving, token: str | None = None) -> web.Application:
@@ -121,8 +122,8 @@ def _observe(serving: Serving):
                 response = error_response(400, f"request body: {str(e).split(chr(10))[-1].strip() or 'unreadable'}")
             except HttpProcessingError as e:
                 response = error_response(e.code if 400 <= e.code < 500 else 400, f"request: {e.message}")
-            except asyncio.CancelledError:
-                raise
+            except (asyncio.CancelledError, ConnectionError):  # ConnectionError: the client went away mid-body
+                raise  # counted as 499 below, with no traceback: nothing went wrong here
             except Exception:
                 log.exception("%s %s failed", request.method, request.path)
                 response = error_response(500, f"internal error in {_method(request)}")
@@ -146,6 +147,16 @@ def _guard(serving: Serving, token: str | None):
 
     @web.middleware
     async def guard(request: web.Request, handler):
+        if request.version not in HTTP_VERSIONS:  # aiohttp's parser lets HTTP/0.9 and HTTP/2.0 lines through
+            if request.version.major == 0 and request.transport is not None:
+                # HTTP/0.9 has no status line, so no refusal it could read: close the connection.
+                request.transport.close()
+            return error_response(505, f"HTTP version {request.version.major}.{request.version.minor} not "
+                                       "supported: send HTTP/1.1 (or 1.0)")
+        codings = [c.strip().lower() for c in request.headers.get("Transfer-Encoding", "").split(",") if c.strip()]
+        if codings and codings != ["chunked"]:  # aiohttp would read `gzip, chunked` as plain chunked
+            return error_response(501, f"Transfer-Encoding {', '.join(codings)!r} not supported: only chunked "
+                                       "(compress the body with Content-Encoding instead)")
         if serving.draining:
             raise Unavailable("server is shutting down: retry on another replica")
         if expected is not None and not _open(request):
