@@ -67,6 +67,7 @@ class ServerOptions:
     # client still dribbling its headers) is closed this many seconds after it opened or after
     # its last answer (aiohttp's keepalive_timeout; its default is an hour).
     http_idle_timeout: float = 75.0
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the HTTP API (none: CORS off)
 
 
 class _ProtocolLog(logging.LoggerAdapter):
@@ -222,7 +223,7 @@ class Network3Server:
         """Bind the HTTP site on this loop (the same model, batcher, token, TLS and limits)."""
         o = self.options
         context = ssl_context(o) if o.tls_cert else None
-        runner = web.AppRunner(build_app(self.serving, token), handle_signals=False, access_log=None,
+        runner = web.AppRunner(build_app(self.serving, token, o.cors_origins), handle_signals=False, access_log=None,
                                shutdown_timeout=1.0,  # stop() has already waited for requests in flight
                                keepalive_timeout=o.http_idle_timeout,
                                logger=_ProtocolLog(logging.getLogger("network3.http"), {}))
@@ -388,6 +389,9 @@ B, L, M, S = BatcherOptions, Limits, ModelOptions, ServerOptions
 @click.option("--http-idle-timeout", default=S.http_idle_timeout, type=click.FloatRange(0, min_open=True),
               help="Close an HTTP connection that has not sent a whole request this many seconds after it opened "
                    "or after its last answer (idle keep-alive connections, slow clients).")
+@click.option("--cors-origin", "cors_origins", multiple=True, envvar="NETWORK3_CORS_ORIGIN",
+              help="A browser origin (e.g. https://app.example.com) allowed to call the HTTP API from its pages; "
+                   "repeat for more.  Off unless given.")
 @click.option("--model-name", default=S.model_name, help="The model's name on the v2 inference API.")
 @click.option("--max-batch-size", default=B.max_batch_size, type=click.IntRange(1), help="Images per onnxruntime call at most.")
 @click.option("--max-queue-delay-us", default=B.max_queue_delay_us, type=click.IntRange(0),
@@ -416,7 +420,7 @@ B, L, M, S = BatcherOptions, Limits, ModelOptions, ServerOptions
 @click.option("--access-log/--no-access-log", default=S.access_log, help="One line per RPC or HTTP request on stderr: id, method, status, images, latency.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Log level of the server's own messages.")
-def serve_command(model, host, port, http_port, no_http, http_idle_timeout, model_name, max_batch_size, max_queue_delay_us, max_queue_size, instances,
+def serve_command(model, host, port, http_port, no_http, http_idle_timeout, cors_origins, model_name, max_batch_size, max_queue_delay_us, max_queue_size, instances,
                   batching, inline_max_images, intra_op_threads, max_message_bytes, max_images_per_request, max_pixels,
                   grace, metrics_port, tls_cert, tls_key, tls_client_ca, token_file, access_log, log_level):
     """Serve an ONNX model over gRPC (network3.v1.DigitClassifier and the Triton/KServe v2 API) and
@@ -437,6 +441,7 @@ def serve_command(model, host, port, http_port, no_http, http_idle_timeout, mode
         model_options=ModelOptions(intra_op_threads=intra_op_threads),
         grace=grace, metrics_port=metrics_port, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
         token_file=token_file, access_log=access_log, http_idle_timeout=http_idle_timeout,
+        cors_origins=tuple(cors_origins),
     )
     try:
         code = asyncio.run(serve(options))

@@ -57,12 +57,16 @@ OPEN_ROUTES = ("/v2/health/", "/web/")  # route prefixes served without a token 
 PARSE_INLINE_BYTES = 256 * 1024  # larger JSON headers are parsed in the decode pool, off the loop
 JSON = "application/json"
 HTTP_VERSIONS = ((1, 0), (1, 1))
+# CORS (--cors-origin): what a page of an allowed origin may send, and read back.
+CORS_REQUEST_HEADERS = "Authorization, Content-Type, Content-Encoding, Inference-Header-Content-Length, X-Request-ID"
+CORS_EXPOSED_HEADERS = "Inference-Header-Content-Length, X-Request-ID"
 
 
-def build_app(serving: Serving, token: str | None = None) -> web.Application:
-    """The HTTP application: the v2 REST routes, then v1.add_routes, behind the middlewares."""
+def build_app(serving: Serving, token: str | None = None, cors_origins: tuple[str, ...] = ()) -> web.Application:
+    """The HTTP application: the v2 REST routes, then v1.add_routes, behind the middlewares.
+    `cors_origins`: browser origins allowed to call the API (CORS is off without them)."""
     app = web.Application(client_max_size=serving.limits.max_message_bytes,
-                          middlewares=[_observe(serving), _guard(serving, token)])
+                          middlewares=[_observe(serving, cors_origins), _guard(serving, token, cors_origins)])
     v2 = V2(serving)
     r = app.router
     r.add_get("/v2/health/live", v2.live, name="ServerLive")
@@ -91,8 +95,8 @@ def json_response(value, status: int = 200) -> web.Response:
 
 # ----------------------------------------------------------------------------- middlewares --
 
-def _observe(serving: Serving):
-    """Outermost: request id, in-flight count, errors -> responses, metrics, access log."""
+def _observe(serving: Serving, cors_origins: tuple[str, ...] = ()):
+    """Outermost: request id, in-flight count, errors -> responses, CORS headers, metrics, access log."""
     access = serving.access
     if access is not None:
         new_id = access.new_id
@@ -129,6 +133,8 @@ def _observe(serving: Serving):
                 response = error_response(500, f"internal error in {_method(request)}")
             status = response.status
             response.headers[REQUEST_ID] = rid
+            if cors_origins:
+                _allow_origin(request, response, cors_origins)
             return response
         finally:
             serving.inflight -= 1
@@ -140,8 +146,10 @@ def _observe(serving: Serving):
     return observe
 
 
-def _guard(serving: Serving, token: str | None):
-    """Inside observe: draining (503), the token (401), the body limit before reading (413)."""
+def _guard(serving: Serving, token: str | None, cors_origins: tuple[str, ...] = ()):
+    """Inside observe: HTTP version (505), transfer coding (501), draining (503), a CORS
+    preflight (204, before the token: browsers send none with it), the token (401), the body
+    limit before reading (413)."""
     expected = f"Bearer {token}".encode() if token is not None else None
     limit = serving.limits.max_message_bytes
 
@@ -159,6 +167,11 @@ def _guard(serving: Serving, token: str | None):
                                        "(compress the body with Content-Encoding instead)")
         if serving.draining:
             raise Unavailable("server is shutting down: retry on another replica")
+        if (cors_origins and request.method == "OPTIONS" and request.headers.get("Origin") in cors_origins
+                and "Access-Control-Request-Method" in request.headers):
+            return web.Response(status=204, headers={
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": CORS_REQUEST_HEADERS, "Access-Control-Max-Age": "600"})
         if expected is not None and not _open(request):
             got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(got, expected):  # constant time
@@ -170,6 +183,15 @@ def _guard(serving: Serving, token: str | None):
         return await handler(request)
 
     return guard
+
+
+def _allow_origin(request: web.Request, response: web.StreamResponse, origins: tuple[str, ...]) -> None:
+    """CORS: an allowed Origin may read the answer (and the headers a v2 client needs)."""
+    response.headers.add("Vary", "Origin")
+    origin = request.headers.get("Origin")
+    if origin in origins:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED_HEADERS
 
 
 def _open(request: web.Request) -> bool:

@@ -565,3 +565,43 @@ def test_concurrent_http_and_grpc_share_one_batcher(server, digits):
         results = list(pool.map(lambda i: (over_http if i % 2 else over_grpc)(i), range(16)))
     for got in results:
         np.testing.assert_allclose(got, probs[:4], atol=1e-5)
+
+
+def _call(port: int, method: str, path: str, headers: dict) -> tuple[int, dict]:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=T)
+    try:
+        c.request(method, path, headers=headers)
+        r = c.getresponse()
+        r.read()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}
+    finally:
+        c.close()
+
+
+def test_cors_is_off_unless_an_origin_is_named(onnx_model, tmp_path):
+    """--cors-origin: a page of that origin may call the API (preflight without the token, the
+    answer and its errors readable); any other origin, or a server without the option, gets no
+    Access-Control-Allow-Origin, so a browser keeps the answer from the page."""
+    allowed, other = "https://app.example", "https://evil.example"
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    with thread_server(onnx_model) as s:
+        status, h = _call(s.http_port, "GET", "/v2", {"Origin": allowed})
+        assert status == 200 and "access-control-allow-origin" not in h
+        status, h = _call(s.http_port, "OPTIONS", "/v2/models/network3/infer", {"Origin": allowed, **preflight})
+        assert status != 204 and "access-control-allow-origin" not in h
+    with thread_server(onnx_model, cors_origins=(allowed,), token_file=token) as s:
+        status, h = _call(s.http_port, "OPTIONS", "/v2/models/network3/infer", {"Origin": allowed, **preflight})
+        assert status == 204 and h["access-control-allow-origin"] == allowed, (status, h)
+        assert "POST" in h["access-control-allow-methods"] and "Authorization" in h["access-control-allow-headers"]
+        status, h = _call(s.http_port, "OPTIONS", "/v2/models/network3/infer", {"Origin": other, **preflight})
+        assert status == 401 and "access-control-allow-origin" not in h
+        auth = {"Authorization": "Bearer s3cret"}
+        status, h = _call(s.http_port, "GET", "/v2", {"Origin": allowed, **auth})
+        assert status == 200 and h["access-control-allow-origin"] == allowed and "Origin" in h["vary"]
+        assert "X-Request-ID" in h["access-control-expose-headers"]
+        status, h = _call(s.http_port, "GET", "/v2", {"Origin": allowed})  # an error is readable too
+        assert status == 401 and h["access-control-allow-origin"] == allowed
+        status, h = _call(s.http_port, "GET", "/v2", {"Origin": other, **auth})
+        assert status == 200 and "access-control-allow-origin" not in h
