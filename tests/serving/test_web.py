@@ -4,9 +4,13 @@ page's files in a non-editable install."""
 from __future__ import annotations
 
 import math
+import os
+import re
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -216,9 +220,10 @@ def test_the_page_asks_for_the_token(browser, onnx_model, tmp_path):
 
 # ------------------------------------------------------------------------ package data --
 
-def test_a_non_editable_install_has_the_page(tmp_path):
-    """The wheel (what `pip install network3` installs) carries serving/web/.  Built from a copy
-    of the sources, so the build leaves nothing in the working tree."""
+def test_a_non_editable_install_has_the_page(tmp_path, onnx_model):
+    """The wheel (what `pip install network3` installs) carries serving/web/, and a server run
+    from that install (not from this source tree) serves the page.  Built from a copy of the
+    sources, so the build leaves nothing in the working tree."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE"):
@@ -233,3 +238,29 @@ def test_a_non_editable_install_has_the_page(tmp_path):
     for name in (*WEB_FILES, "openapi.json"):
         assert f"serving/web/{name}" in names, sorted(n for n in names if n.startswith("serving/"))
     assert not any(n.startswith("tests/") for n in names)
+
+    # Installed from the wheel (not the source tree), the server serves the page.
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": str(site)}  # before the editable install's finder
+    where = subprocess.run([sys.executable, "-c", "import serving.api.v1 as m; print(m.__file__)"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert where.stdout.startswith(str(site)), (where.stdout, where.stderr[-1000:])
+    log = tmp_path / "installed.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "serving.server", "--model", str(onnx_model),
+                                 "--port", "0", "--http-port", "0"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                stderr=f)
+    try:
+        deadline = time.monotonic() + 60
+        while not (m := re.search(r"network3 http on (http://\S+)", log.read_text(errors="replace"))):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        for url, name in (("/", "index.html"), *((f"/web/{n}", n) for n in WEB_FILES)):
+            with urllib.request.urlopen(m.group(1) + url, timeout=30) as answer:
+                assert answer.status == 200 and answer.read() == (ROOT / "serving" / "web" / name).read_bytes(), url
+    finally:
+        proc.terminate()
+        proc.wait(30)
