@@ -15,7 +15,7 @@ TRAIN_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help install install-serving data train evaluate export serve classify demo test test-serving lint protos \
-	book bench bench-train bench-export bench-serve bench-client bench-preprocess soak fuzz clean
+	book bench bench-train bench-export bench-serve bench-http bench-client bench-preprocess soak fuzz clean
 .DEFAULT_GOAL := help
 
 # `make` and `make help`: every target with the one line after its `##`.
@@ -60,7 +60,7 @@ lint: install ## ruff (pyflakes' checks) and the import-cycle check
 	$(PY) ../shared/tools/imports.py . training serving
 
 # Every bench-* target, in one go (a quiet machine only: a benchmark is void while anything else runs).
-bench: bench-train bench-export bench-serve bench-client bench-preprocess ## every bench-* target (a quiet machine only)
+bench: bench-train bench-export bench-serve bench-http bench-client bench-preprocess ## every bench-* target (a quiet machine only)
 
 # The book's table: every nielsen-* preset x 3 seeds into runs/book/, resumable: run it again
 # after an interruption (hours on a CPU; BOOK_ARGS="--workers 6" on a GPU box, DEVICE=cuda).
@@ -113,6 +113,18 @@ bench-serve: install ## perf_analyzer against our server, an unbatched reference
 		$(PY) -m pip install -q --disable-pip-version-check nvidia-cuda-runtime-cu12
 	$(PY) benchmarks/bench_serve.py --model $(MODEL) $(BENCH_SERVE_ARGS)
 
+
+# perf_analyzer -i http against our server and the thinnest aiohttp one (benchmarks/reference_http.py),
+# the same requests over gRPC, and /v1/classify's p50/p99 (quiet machine only).  Needs libb64-0d
+# and the CUDA runtime library as bench-serve does; both are installed here when missing.
+BENCH_HTTP_ARGS ?=
+bench-http: install ## perf_analyzer over HTTP against a thin aiohttp server, gRPC beside it, /v1/classify latency
+	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
+	@dpkg -s libb64-0d >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libb64-0d; }
+	@$(PY) -m pip show -q nvidia-cuda-runtime-cu12 >/dev/null 2>&1 || \
+		$(PY) -m pip install -q --disable-pip-version-check nvidia-cuda-runtime-cu12
+	$(PY) benchmarks/bench_http.py --model $(MODEL) $(BENCH_HTTP_ARGS)
 
 # Serve MODEL on 127.0.0.1:PORT until Ctrl-C (SERVE_ARGS for anything else: --metrics-port, --token-file...).
 SERVE_ARGS ?=
