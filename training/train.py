@@ -397,10 +397,11 @@ def fit(cfg: Config, opts: RunOptions, mnist: data_mod.Mnist | None = None) -> d
             run.best = {"val_accuracy": val_acc if val_acc is not None else -1.0, "epoch": epoch + 1,
                         "test_accuracy": test_acc}
         state = checkpoint_state(run, mnist, opts.seed)
-        atomic_save(state, out / "last.pt")
         if improved:
             atomic_save(state, out / "best.pt")
         _write_metrics(out, run.history)
+        # last.pt goes last: once it is there the epoch's files all are, and --resume starts here.
+        atomic_save(state, out / "last.pt")
         progress.line(f"epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} "
                       f"train {row['train_accuracy']:.4f} val {_fmt(val_acc)} test {test_acc:.4f} "
                       f"({row['seconds']:.1f}s, {seen / max(row['seconds'], 1e-9):,.0f} img/s)")

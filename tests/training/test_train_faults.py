@@ -27,7 +27,8 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(TRAIN + args + ["--out", str(out)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # Kill it as soon as the first epoch's checkpoint exists: it is then inside epoch 2.
+    # Kill it as soon as the first epoch's last.pt exists: written after the epoch's other files,
+    # so the run is then inside epoch 2.
     deadline = time.monotonic() + 300
     while not (out / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
