@@ -44,7 +44,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from serving.contract import MODEL_NAME  # noqa: E402
-from serving.launch import ServerProcess, perf_analyzer  # noqa: E402
+from bench_serve import perf_analyzer_env  # noqa: E402
+from serving.launch import ServerProcess  # noqa: E402
 
 REFERENCE_READY = re.compile(r"^reference http serving on (\S+):(\d+)$", re.MULTILINE)
 REFERENCE = [sys.executable, str(ROOT / "benchmarks" / "reference_http.py")]
@@ -79,14 +80,6 @@ class Result:
 
 
 # ----------------------------------------------------------------------- perf_analyzer --
-
-def perf_analyzer_env() -> tuple[Path, dict]:
-    found = perf_analyzer()
-    if found is None:
-        sys.exit("perf_analyzer does not run here: it needs Debian's libb64-0d and PyPI's "
-                 "nvidia-cuda-runtime-cu12 (`make bench-serve` installs both)")
-    return found
-
 
 def run_perf(binary, env, address: str, case: Case, interval_ms: int, server: str, quick: bool) -> Result:
     with tempfile.TemporaryDirectory() as tmp:

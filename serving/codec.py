@@ -145,6 +145,16 @@ def request_input(request: pb.ModelInferRequest, max_images: int) -> np.ndarray:
     """A gRPC ModelInferRequest's `images` tensor as float32 [N, 1, 28, 28] in [0, 1]."""
     t = _one_input(request)
     n = check_input(t.name, t.datatype, t.shape, max_images)
+    raw = _raw_contents(request, t)
+    if raw is not None:
+        return _array(n, t.datatype, t.shape, raw, "raw_input_contents")
+    field = "fp32_contents" if t.datatype == "FP32" else "uint_contents"
+    return _array(n, t.datatype, t.shape, getattr(t.contents, field), f"contents.{field}")
+
+
+def _raw_contents(request: pb.ModelInferRequest, t) -> bytes | None:
+    """The one input's raw bytes, or None when its data is in typed `contents`; InvalidInput
+    when it has both or neither."""
     raw = request.raw_input_contents
     typed = t.HasField("contents")
     if raw and typed:
@@ -152,11 +162,10 @@ def request_input(request: pb.ModelInferRequest, max_images: int) -> np.ndarray:
     if raw:
         if len(raw) != 1:
             raise InvalidInput(f"raw_input_contents: {len(raw)} entries for 1 input")
-        return _array(n, t.datatype, t.shape, raw[0], "raw_input_contents")
-    if typed:
-        field = "fp32_contents" if t.datatype == "FP32" else "uint_contents"
-        return _array(n, t.datatype, t.shape, getattr(t.contents, field), f"contents.{field}")
-    raise InvalidInput(f"input {INPUT_NAME!r}: no data (neither raw_input_contents nor contents)")
+        return raw[0]
+    if not typed:
+        raise InvalidInput(f"input {INPUT_NAME!r}: no data (neither raw_input_contents nor contents)")
+    return None
 
 
 # ----------------------------------------------------------- encoded images: a BYTES input --
@@ -206,21 +215,14 @@ def request_encoded(request: pb.ModelInferRequest, max_images: int) -> list[byte
     """A gRPC ModelInferRequest's BYTES `images` tensor as N encoded image files."""
     t = _one_input(request)
     n = check_encoded_input(t.name, t.datatype, t.shape, max_images)
-    raw = request.raw_input_contents
-    typed = t.HasField("contents")
-    if raw and typed:
-        raise InvalidInput(f"input {INPUT_NAME!r}: both raw_input_contents and contents are set; send one")
-    if raw:
-        if len(raw) != 1:
-            raise InvalidInput(f"raw_input_contents: {len(raw)} entries for 1 input")
-        return split_bytes(raw[0], n, "raw_input_contents")
-    if typed:
-        items = list(t.contents.bytes_contents)
-        if len(items) != n:
-            raise InvalidInput(f"input {INPUT_NAME!r}: contents.bytes_contents has {len(items)} elements, "
-                               f"shape [{n}] needs {n}")
-        return items
-    raise InvalidInput(f"input {INPUT_NAME!r}: no data (neither raw_input_contents nor contents)")
+    raw = _raw_contents(request, t)
+    if raw is not None:
+        return split_bytes(raw, n, "raw_input_contents")
+    items = list(t.contents.bytes_contents)
+    if len(items) != n:
+        raise InvalidInput(f"input {INPUT_NAME!r}: contents.bytes_contents has {len(items)} elements, "
+                           f"shape [{n}] needs {n}")
+    return items
 
 
 def json_encoded(data, n: int) -> list[bytes]:
