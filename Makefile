@@ -15,7 +15,7 @@ TRAIN_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help install install-serving data train evaluate export serve classify demo test test-serving lint protos \
-	book bench bench-train bench-export bench-serve bench-http bench-client bench-preprocess soak fuzz clean
+	book bench bench-train bench-export bench-serve bench-http perf-analyzer-deps bench-client bench-preprocess soak fuzz clean
 .DEFAULT_GOAL := help
 
 # `make` and `make help`: every target with the one line after its `##`.
@@ -101,29 +101,25 @@ PROTOS := protos/network3/v1/classifier.proto protos/inference/model_config.prot
 protos: install ## regenerate the committed gRPC stubs
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 
-# perf_analyzer against the in-process ceiling, the simplest unbatched server and ours (quiet
-# machine only).  perf_analyzer (from the tritonclient wheel) needs Debian's libb64-0d and
-# PyPI's CUDA runtime library even on a CPU; both are installed here when missing.
-BENCH_SERVE_ARGS ?=
-bench-serve: install ## perf_analyzer against our server, an unbatched reference and the ceiling
-	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
+# perf_analyzer (from the tritonclient wheel) loads Debian's libb64-0d and the CUDA runtime
+# library (PyPI's nvidia-cuda-runtime-cu12, in the test extra) even on a CPU.
+perf-analyzer-deps: install ## Debian's libb64-0d for perf_analyzer, installed when missing
 	@dpkg -s libb64-0d >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libb64-0d; }
-	@$(PY) -m pip show -q nvidia-cuda-runtime-cu12 >/dev/null 2>&1 || \
-		$(PY) -m pip install -q --disable-pip-version-check nvidia-cuda-runtime-cu12
+
+# perf_analyzer against the in-process ceiling, the simplest unbatched server and ours (quiet
+# machine only).
+BENCH_SERVE_ARGS ?=
+bench-serve: install perf-analyzer-deps ## perf_analyzer against our server, an unbatched reference and the ceiling
+	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
 	$(PY) benchmarks/bench_serve.py --model $(MODEL) $(BENCH_SERVE_ARGS)
 
 
 # perf_analyzer -i http against our server and the thinnest aiohttp one (benchmarks/reference_http.py),
-# the same requests over gRPC, and /v1/classify's p50/p99 (quiet machine only).  Needs libb64-0d
-# and the CUDA runtime library as bench-serve does; both are installed here when missing.
+# the same requests over gRPC, and /v1/classify's p50/p99 (quiet machine only).
 BENCH_HTTP_ARGS ?=
-bench-http: install ## perf_analyzer over HTTP against a thin aiohttp server, gRPC beside it, /v1/classify latency
+bench-http: install perf-analyzer-deps ## perf_analyzer over HTTP against a thin aiohttp server, gRPC beside it, /v1/classify latency
 	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
-	@dpkg -s libb64-0d >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libb64-0d; }
-	@$(PY) -m pip show -q nvidia-cuda-runtime-cu12 >/dev/null 2>&1 || \
-		$(PY) -m pip install -q --disable-pip-version-check nvidia-cuda-runtime-cu12
 	$(PY) benchmarks/bench_http.py --model $(MODEL) $(BENCH_HTTP_ARGS)
 
 # Serve MODEL on 127.0.0.1:PORT until Ctrl-C (SERVE_ARGS for anything else: --metrics-port, --token-file...).
