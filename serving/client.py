@@ -85,13 +85,20 @@ class Client(Classifier):
         budget = self.timeout if timeout is None else timeout
         end = time.monotonic() + budget
         backoff = Backoff()
+        unreachable = None  # the last UNAVAILABLE: the truth if a retry then runs out of time
         while True:
             left = end - time.monotonic()
             try:
                 return method(request, timeout=max(left, 0.001), metadata=self._metadata)
             except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNAVAILABLE and backoff.wait(end):
-                    continue
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    unreachable = e
+                    if backoff.wait(end):
+                        continue
+                elif e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and unreachable is not None:
+                    # The budget ended while the channel was still reconnecting: the server was
+                    # never reached, which is what the caller needs to hear (not "too slow").
+                    e = unreachable
                 raise client_error(e, self.address) from None
 
     def health(self, service: str = "", timeout: float | None = None) -> str:

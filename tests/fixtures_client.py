@@ -54,8 +54,11 @@ def idx_dir(tmp_path_factory, mnist) -> Path:
     return root
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on (bound and released: nothing answers there)."""
+@pytest.fixture
+def dead_address():
+    """A loopback address where nothing answers: a socket bound there and never listening, held
+    for the test, so every connect is refused at once (a port merely released could be taken by
+    another socket before the test connects, or even be the client's own next ephemeral port)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield "127.0.0.1:%d" % s.getsockname()[1]

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fixtures_client import free_port
 from serving.classifier import Classifier, ClientError, Prediction
 from serving.cli import cli
 
@@ -197,10 +196,10 @@ def test_a_corrupt_file_among_good_ones_exits_1(server, mnist, tmp_path):
     assert r.stderr.strip().splitlines()[-1] == "network3: 2 of 30 images could not be classified"
 
 
-def test_output_file_is_written_whole_or_not_at_all(server, sample_dir, tmp_path):
+def test_output_file_is_written_whole_or_not_at_all(server, sample_dir, tmp_path, dead_address):
     out = tmp_path / "results.jsonl"
     out.write_text("previous good results\n")
-    r = run("classify", sample_dir, "--server", f"127.0.0.1:{free_port()}", "--output", out, "--timeout", "1")
+    r = run("classify", sample_dir, "--server", dead_address, "--output", out, "--timeout", "1")
     assert r.exit_code == 3
     assert out.read_text() == "previous good results\n" and list(tmp_path.iterdir()) == [out]
     r = run("classify", sample_dir, "--server", server.address, "--output", out)
@@ -250,10 +249,9 @@ def network3(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=120, cwd=ROOT, **kw)
 
 
-def test_missing_server_exits_3_with_one_line(sample_dir):
-    port = free_port()
+def test_missing_server_exits_3_with_one_line(sample_dir, dead_address):
     for args in (["classify", sample_dir], ["health", "--timeout", "2"], ["info", "--timeout", "2"]):
-        p = network3(*args, "--server", f"127.0.0.1:{port}")
+        p = network3(*args, "--server", dead_address)
         assert p.returncode == 3, p.stderr
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and "cannot reach the server" in lines[0] and "Traceback" not in p.stderr
@@ -410,13 +408,13 @@ print(sorted({m.split(".")[0] for m in sys.modules} & {"grpc", "grpc_health", "p
 """
 
 
-def test_local_never_imports_grpc(onnx_model, sample_dir):
+def test_local_never_imports_grpc(onnx_model, sample_dir, dead_address):
     n = len(list((sample_dir / "5").iterdir()))
     p = subprocess.run([sys.executable, "-c", NO_GRPC, "--local", str(onnx_model), str(sample_dir / "5")],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.splitlines() == [f"0 {n}", "[]"]
     # The check can fail: a job against a server (here, none listening) does load grpc.
-    p = subprocess.run([sys.executable, "-c", NO_GRPC, "--server", f"127.0.0.1:{free_port()}", "--timeout", "1",
+    p = subprocess.run([sys.executable, "-c", NO_GRPC, "--server", dead_address, "--timeout", "1",
                         str(sample_dir / "5")], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert p.stdout.splitlines() == ["3 0", "['grpc', 'grpc_health', 'protos']"], p.stderr[-2000:]

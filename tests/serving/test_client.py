@@ -10,7 +10,6 @@ import grpc
 import numpy as np
 import pytest
 
-from fixtures_client import free_port
 from fixtures_serving import png, thread_server
 from serving.classifier import Classifier
 from serving.client import Client, ClientError, LocalClassifier
@@ -84,13 +83,25 @@ def test_stream_reads_ahead_only_a_window(server, mnist):
     assert max(ahead) <= (4 + 2) * 32  # the window, the batch being read, the batch being answered
 
 
-def test_unreachable_server_is_one_error(mnist):
-    with Client(f"127.0.0.1:{free_port()}", timeout=1.0) as c:
+def test_unreachable_server_is_one_error(mnist, dead_address):
+    with Client(dead_address, timeout=1.0) as c:
         for call in (c.health, c.info, lambda: c.classify(mnist.test_x[:1]),
                      lambda: list(c.classify_stream(mnist.test_x[:10]))):
             with pytest.raises(ClientError) as e:
                 call()
             assert e.value.code == "UNAVAILABLE" and e.value.unreachable
+
+
+def test_unreachable_stays_unreachable_when_the_budget_ends_mid_retry(dead_address):
+    """The retry after a backoff can get only a sliver of the budget; running out of it while the
+    channel reconnects is still "cannot reach", not "too slow" (CI once read DEADLINE_EXCEEDED)."""
+    with Client(dead_address) as c:
+        codes = set()
+        for i in range(40):
+            with pytest.raises(ClientError) as e:
+                c.health(timeout=0.02 + 0.01 * i)
+            codes.add(e.value.code)
+        assert codes == {"UNAVAILABLE"}
 
 
 def test_every_call_has_a_deadline(mnist):
