@@ -379,17 +379,17 @@ B, L, M, S = BatcherOptions, Limits, ModelOptions, ServerOptions
 
 
 @click.command("serve", context_settings={"max_content_width": 100, "show_default": True})
-@click.option("--model", "model", required=True, envvar="NETWORK3_MODEL", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--model", "model", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The ONNX file to serve (from `network3-train export`).")
-@click.option("--host", default=S.host, envvar="NETWORK3_HOST", help="Address to bind; loopback unless you say otherwise.")
-@click.option("--port", default=S.port, type=click.IntRange(0, 65535), envvar="NETWORK3_PORT", help="Port to bind (0: any free port).")
-@click.option("--http-port", default=S.http_port, type=click.IntRange(0, 65535), envvar="NETWORK3_HTTP_PORT",
+@click.option("--host", default=S.host, help="Address to bind; loopback unless you say otherwise.")
+@click.option("--port", default=S.port, type=click.IntRange(0, 65535), help="Port to bind (0: any free port).")
+@click.option("--http-port", default=S.http_port, type=click.IntRange(0, 65535),
               help="HTTP/1.1 port: the v2 REST API, /v1 and the page (0: any free port).")
 @click.option("--no-http", is_flag=True, help="Serve no HTTP, gRPC only.")
 @click.option("--http-idle-timeout", default=S.http_idle_timeout, type=click.FloatRange(0, min_open=True),
               help="Close an HTTP connection that has not sent a whole request this many seconds after it opened "
                    "or after its last answer (idle keep-alive connections, slow clients).")
-@click.option("--cors-origin", "cors_origins", multiple=True, envvar="NETWORK3_CORS_ORIGIN",
+@click.option("--cors-origin", "cors_origins", multiple=True,
               help="A browser origin (e.g. https://app.example.com) allowed to call the HTTP API from its pages; "
                    "repeat for more.  Off unless given.")
 @click.option("--model-name", default=S.model_name, help="The model's name on the v2 inference API.")
@@ -408,13 +408,13 @@ B, L, M, S = BatcherOptions, Limits, ModelOptions, ServerOptions
 @click.option("--max-images-per-request", default=L.max_images_per_request, type=click.IntRange(1), help="More images in one request are refused.")
 @click.option("--max-pixels", default=L.max_pixels, type=click.IntRange(1), help="Largest decoded image (width x height): no decompression bombs.")
 @click.option("--grace", default=S.grace, type=click.FloatRange(0), help="On SIGTERM/SIGINT, seconds calls in flight get to finish.")
-@click.option("--metrics-port", default=S.metrics_port, type=click.IntRange(0, 65535), envvar="NETWORK3_METRICS_PORT",
+@click.option("--metrics-port", default=S.metrics_port, type=click.IntRange(0, 65535),
               help="Serve Prometheus metrics on this port at /metrics (off unless given).")
 @click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), help="PEM certificate chain: serve TLS.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), help="PEM private key for --tls-cert.")
 @click.option("--tls-client-ca", type=click.Path(dir_okay=False, path_type=Path),
               help="PEM CA bundle: require client certificates signed by it (mutual TLS).")
-@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), envvar="NETWORK3_TOKEN_FILE",
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
               help="File holding a token every call must send as `authorization: Bearer <token>` (gRPC metadata or HTTP "
                    "header); not needed for health, reflection, /v2/health/* and the page.")
 @click.option("--access-log/--no-access-log", default=S.access_log, help="One line per RPC or HTTP request on stderr: id, method, status, images, latency.")
@@ -449,6 +449,17 @@ def serve_command(model, host, port, http_port, no_http, http_idle_timeout, cors
         raise click.ClickException(str(e)) from None
     sys.exit(code)
 
+
+def _envvars(command: click.Command) -> None:
+    """Every serve option can also be set by NETWORK3_<OPTION> (`--http-port`: NETWORK3_HTTP_PORT),
+    as containers are configured; an option on the command line wins over its variable."""
+    for p in command.params:
+        if isinstance(p, click.Option):
+            p.envvar = "NETWORK3_" + max(p.opts, key=len).lstrip("-").replace("-", "_").upper()
+            p.show_envvar = True
+
+
+_envvars(serve_command)
 
 if __name__ == "__main__":
     serve_command()
