@@ -232,7 +232,8 @@ def serve_env_names() -> set[str]:
 
 
 def image_facts() -> tuple[dict[str, str], str | None]:
-    """The Containerfile's ENV (literal values only) and USER, when the Containerfile is here."""
+    """The ENV (literal values only) and USER of the Containerfile's last stage, the image, when
+    the Containerfile is here."""
     path = ROOT / "Containerfile"
     if not path.is_file():
         pytest.skip("no Containerfile: what the image sets is not known here")
@@ -240,9 +241,11 @@ def image_facts() -> tuple[dict[str, str], str | None]:
     text = re.sub(r"\\\n", " ", path.read_text())
     for line in text.splitlines():
         words = line.split()
-        if not words or words[0].upper() not in ("ENV", "USER"):
+        if not words or words[0].upper() not in ("FROM", "ENV", "USER"):
             continue
-        if words[0].upper() == "USER":
+        if words[0].upper() == "FROM":
+            env, user = {}, None
+        elif words[0].upper() == "USER":
             user = words[1]
         elif "=" not in words[1]:  # ENV KEY value
             env[words[1]] = " ".join(words[2:])
