@@ -225,10 +225,14 @@ def test_the_kserve_schema_refuses_a_misspelt_field(kserve_validator):
 # ---- the manifests agree with the server ----
 
 def serve_env_names() -> set[str]:
-    """NETWORK3_<OPTION> for every option of `network3 serve` (long name, upper case, - to _)."""
+    """NETWORK3_<OPTION> for every option of `network3 serve` (its long name, upper case, - to _),
+    and any variable an option names itself."""
+    import click
+
     from serving.server import serve_command
-    return {"NETWORK3_" + o[2:].upper().replace("-", "_")
-            for p in serve_command.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")}
+    options = [p for p in serve_command.params if isinstance(p, click.Option)]
+    return ({"NETWORK3_" + max(p.opts, key=len).lstrip("-").replace("-", "_").upper() for p in options}
+            | {p.envvar for p in options if isinstance(p.envvar, str)})
 
 
 def image_facts() -> tuple[dict[str, str], str | None]:
