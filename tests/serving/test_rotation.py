@@ -80,17 +80,19 @@ def grpc_call(address: str, request: bytes, token: str | None = None, trust: Pat
             return e.code()
 
 
-def http_call(port: int, token: str | None = None, trust: Path | None = None, client: Path | None = None):
+def http_call(port: int, token: str | None = None, trust: Path | None = None, client: Path | None = None,
+              host: str = "127.0.0.1"):
     """GET /v2/models/network3 (it needs the token) on a new connection: (status, sha256 of the
-    server's certificate or None), or REFUSED when the TLS handshake fails either way."""
+    server's certificate or None), or REFUSED when the TLS handshake fails either way.  `host`:
+    "localhost" sends a server name (SNI), an address none."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if trust is None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=T)
+        conn = http.client.HTTPConnection(host, port, timeout=T)
     else:
         context = ssl.create_default_context(cafile=str(trust / "ca.crt"))
         if client is not None:
             context.load_cert_chain(client / "client.crt", client / "client.key")
-        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=T, context=context)
+        conn = http.client.HTTPSConnection(host, port, timeout=T, context=context)
     try:
         conn.request("GET", "/v2/models/network3", headers=headers)
         status = conn.getresponse().status
@@ -169,6 +171,7 @@ def test_sighup_rotates_the_certificate_and_the_client_ca(process_server, tmp_pa
     assert (f"reloaded TLS {secret / 'server.crt'}: certificate sha256 "
             f"{sha256_of(old / 'server.crt')[:12]} -> {sha256_of(new / 'server.crt')[:12]}") in log and not errors(log), log
     assert both(new, new) == (grpc.StatusCode.OK, (200, sha256_of(new / "server.crt")))
+    assert http_call(s.http_port, trust=new, client=new, host="localhost") == (200, sha256_of(new / "server.crt"))
     assert both(old, old) == (grpc.StatusCode.UNAVAILABLE, REFUSED)  # the old CA's clients no longer trust the server
     assert both(new, old) == (grpc.StatusCode.UNAVAILABLE, REFUSED)  # and the old CA's client certificates are refused
     never_restarted(s)
