@@ -146,8 +146,8 @@ def test_sighup_rotates_the_token_without_a_restart(process_server, tmp_path, cl
                       (None, "No such file or directory")):
         replace(token, data)
         log = sighup(s)
-        assert errors(log) == [l for l in log.splitlines() if "token reload failed, still accepting the old token: "
-                               f"--token-file {token}" in l and why in l], log  # one line, and only that one
+        [line] = errors(log)  # one ERROR line, and only that one
+        assert f"token reload failed, still accepting the old token: --token-file {token}" in line and why in line, log
         assert re.search(r"reloaded \S+: sha256", log), log
         assert (grpc_("new-token"), http_("new-token")) == (grpc.StatusCode.OK, 200)
     never_restarted(s)
