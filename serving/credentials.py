@@ -3,9 +3,10 @@ rotates a Secret's files in place): the bearer token (--token-file) and the TLS 
 key and client CA (--tls-cert, --tls-key, --tls-client-ca).
 
 Each is replaced only by one that loaded whole: `reload()` raises CredentialError (one line
-naming the file) and the old one stays.  Connections already open keep what they were
-accepted with; the new token applies to the next call, the new certificate to the next
-handshake.
+naming the file) and the old one stays.  The new token applies to the next call, the new
+certificate and client CA to the next full handshake: connections already open keep what they
+were accepted with, and so does a TLS session an HTTPS client resumes (OpenSSL keeps the first
+context's session cache and ticket keys; grpc starts afresh).
 """
 from __future__ import annotations
 
