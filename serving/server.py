@@ -67,6 +67,10 @@ class ServerOptions:
     # its last answer (aiohttp's keepalive_timeout; its default is an hour).
     http_idle_timeout: float = 75.0
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the HTTP API (none: CORS off)
+    # Reload (as SIGHUP does) when the model, token or TLS files change on disk, checked this
+    # often (0: only on SIGHUP).  Kubernetes updates a mounted Secret's files in place and sends
+    # no signal; a stat of five files is all a check costs.
+    watch_interval: float = 0.0
 
 
 class _ProtocolLog(logging.LoggerAdapter):
@@ -168,6 +172,7 @@ class Network3Server:
         self.serving: Serving | None = None
         self._token: Token | None = None
         self._tls: Tls | None = None
+        self._watcher: asyncio.Task | None = None
 
     async def start(self) -> int:
         o = self.options
@@ -218,6 +223,8 @@ class Network3Server:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if o.metrics_port is not None:
             self._metrics = start_metrics_server(self.stats, o.metrics_port, o.host)
+        if o.watch_interval > 0:
+            self._watcher = loop.create_task(self._watch(o.watch_interval))
         log.info("serving %s (sha256 %s, %s) as %r on %s:%d%s%s%s", model.path, model.sha256[:12],
                  ",".join(model.providers), o.model_name, o.host, self.port, " with TLS" if o.tls_cert else "",
                  f", http on :{self.http_port}" if self.http_port is not None else "",
@@ -256,6 +263,8 @@ class Network3Server:
         if self.draining:
             return
         self.draining = True
+        if self._watcher is not None:
+            self._watcher.cancel()
         grace = self.options.grace if grace is None else grace
         log.info("draining: refusing new calls, waiting up to %.1fs for calls in flight", grace)
         loop = asyncio.get_running_loop()
@@ -305,6 +314,22 @@ class Network3Server:
         finally:
             self._reloading = False
 
+    async def _watch(self, interval: float) -> None:
+        """--watch-interval: reload when a watched file changed (its inode, size or mtime: a
+        Secret's files are swapped in by a rename).  A file caught half-written fails its
+        reload and keeps the old one; the rest of the write changes it again, and it reloads."""
+        o = self.options
+        paths = [p for p in (o.model, o.token_file, o.tls_cert, o.tls_key, o.tls_client_ca) if p is not None]
+        seen = _fingerprints(paths)
+        while True:
+            await asyncio.sleep(interval)
+            now = _fingerprints(paths)
+            if now != seen:
+                changed = ", ".join(str(p) for p, a, b in zip(paths, seen, now) if a != b)
+                log.info("changed on disk: %s: reloading", changed)
+                seen = now
+                await self.reload()
+
     def _reload_credentials(self) -> bool:
         ok = True
         if self._token is not None:
@@ -335,6 +360,17 @@ class Network3Server:
         self.serving.batcher.model = new  # batches already running finish on the old model
         log.info("reloaded %s: sha256 %s -> %s", new.path, old.sha256[:12], new.sha256[:12])
         return True
+
+
+def _fingerprints(paths: list[Path]) -> list[tuple[int, int, int] | None]:
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)  # through the symlinks a Secret's volume is made of
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)  # gone (mid-swap, or deleted): a change like any other
+    return out
 
 
 def _why(e: Exception) -> str:
@@ -415,12 +451,16 @@ B, L, M, S = BatcherOptions, Limits, ModelOptions, ServerOptions
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
               help="File holding a token every call must send as `authorization: Bearer <token>` (gRPC metadata or HTTP "
                    "header); not needed for health, reflection, /v2/health/* and the page.  Re-read on SIGHUP.")
+@click.option("--watch-interval", default=S.watch_interval, type=click.FloatRange(0),
+              help="Every this many seconds, check whether the model, token or TLS files changed on disk, and "
+                   "reload as SIGHUP does when one did (Kubernetes updates a mounted Secret's files and sends no "
+                   "signal).  0: reload only on SIGHUP.")
 @click.option("--access-log/--no-access-log", default=S.access_log, help="One line per RPC or HTTP request on stderr: id, method, status, images, latency.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Log level of the server's own messages.")
 def serve_command(model, host, port, http_port, no_http, http_idle_timeout, cors_origins, model_name, max_batch_size, max_queue_delay_us, max_queue_size, instances,
                   batching, inline_max_images, intra_op_threads, max_message_bytes, max_images_per_request, max_pixels,
-                  grace, metrics_port, tls_cert, tls_key, tls_client_ca, token_file, access_log, log_level):
+                  grace, metrics_port, tls_cert, tls_key, tls_client_ca, token_file, watch_interval, access_log, log_level):
     """Serve an ONNX model over gRPC (network3.v1.DigitClassifier and the Triton/KServe v2 API) and
     HTTP (the v2 REST API, /v1 and a page)."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
@@ -439,7 +479,7 @@ def serve_command(model, host, port, http_port, no_http, http_idle_timeout, cors
         model_options=ModelOptions(intra_op_threads=intra_op_threads),
         grace=grace, metrics_port=metrics_port, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
         token_file=token_file, access_log=access_log, http_idle_timeout=http_idle_timeout,
-        cors_origins=tuple(cors_origins),
+        cors_origins=tuple(cors_origins), watch_interval=watch_interval,
     )
     try:
         code = asyncio.run(serve(options))

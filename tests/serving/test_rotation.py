@@ -295,3 +295,40 @@ def test_files_that_change_while_being_read_are_not_swapped_in(tmp_path, monkeyp
     monkeypatch.undo()
     assert tls.sha256 == sha256_of(old / "server.crt")
     assert tls.reload() == sha256_of(new / "server.crt")
+
+
+# ------------------------------------------------------------------------ without a signal --
+
+def kubernetes_secret(volume: Path, files: dict[str, bytes], version: int) -> None:
+    """Write a Secret's files as the kubelet does: a new timestamped folder, then `..data`
+    re-pointed at it by one rename; each file is a symlink through `..data`."""
+    folder = volume / f"..{version}"
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+        if not (volume / name).is_symlink():
+            (volume / name).symlink_to(Path("..data") / name)
+    (volume / "..data_tmp").symlink_to(folder.name)
+    os.replace(volume / "..data_tmp", volume / "..data")
+
+
+def test_watch_interval_reloads_a_secret_the_kubelet_updated(process_server, tmp_path, classify_request):
+    volume = tmp_path / "secret"
+    kubernetes_secret(volume, {"token": b"old-token\n"}, 1)
+    s = process_server("--token-file", str(volume / "token"), "--watch-interval", "0.1")
+    assert grpc_call(s.address, classify_request, "old-token") == grpc.StatusCode.OK
+    start = len(s.log())
+    kubernetes_secret(volume, {"token": b"new-token\n"}, 2)
+    deadline = time.monotonic() + T
+    while not re.search(r"reloaded \S+: sha256", s.log()[start:]):  # the model reloads last
+        assert time.monotonic() < deadline, s.log()[-3000:]
+        time.sleep(0.05)
+    log = s.log()[start:]
+    assert f"changed on disk: {volume / 'token'}: reloading" in log and f"reloaded token from {volume / 'token'}" in log
+    assert grpc_call(s.address, classify_request, "new-token") == grpc.StatusCode.OK
+    assert http_call(s.http_port, "old-token")[0] == 401
+    # Nothing changed since: no reload across ten intervals.
+    quiet = len(s.log())
+    time.sleep(1.0)
+    assert "reloading" not in s.log()[quiet:]
+    never_restarted(s)
