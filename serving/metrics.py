@@ -9,9 +9,13 @@ request.
 from __future__ import annotations
 
 import bisect
+import json
+import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
@@ -35,6 +39,13 @@ class Histogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
         self.count += 1
+
+    def add(self, counts: list[int], total: float) -> None:
+        """Add another histogram's counts and sum (the same bounds): a snapshot's."""
+        for i, c in enumerate(counts[:len(self.counts)]):
+            self.counts[i] += int(c)
+        self.sum += float(total)
+        self.count += sum(int(c) for c in counts[:len(self.counts)])
 
     def cumulative(self) -> list[tuple[str, int]]:
         out, total = [], 0
@@ -125,16 +136,92 @@ class Stats:
         """Batches computed."""
         return sum(b[0] for b in self.batches.values())
 
+    # -- across processes (serve --workers: each worker's Stats, summed by the parent) -------
+
+    def snapshot(self) -> dict:
+        """Every count as plain JSON values (Stats.summed adds such snapshots up)."""
+        h = lambda x: [list(x.counts), x.sum]  # noqa: E731
+        return {"methods": [[m.api, m.method, dict(m.codes), m.images, *h(m.latency)] for m in list(self.methods.values())],
+                "queue": h(self.queue), "compute": h(self.compute), "batch_size": h(self.batch_size),
+                "batches": [[size, *b] for size, b in list(self.batches.items())],
+                "model_ok": list(self.model_ok), "model_fail": list(self.model_fail),
+                "request_compute": list(self.request_compute), "dropped": dict(self.dropped),
+                "rejected_images": self.rejected_images, "last_inference_ms": self.last_inference_ms,
+                "queue_depth": self.queue_depth(), "model_info": self.model_info()}
+
+    @classmethod
+    def summed(cls, snapshots: list[dict], live: list[dict] = ()) -> "Stats":
+        """One Stats counting what all `snapshots` counted (dead workers' included: a total
+        never goes down); the gauges (queue depth, the model) from the `live` ones only."""
+        total = cls()
+        for snap in snapshots:
+            for api, method, codes, images, counts, seconds in snap["methods"]:
+                m = total.method(api, method)
+                for code, n in codes.items():
+                    m.codes[code] = m.codes.get(code, 0) + n
+                m.images += images
+                m.latency.add(counts, seconds)
+            for name in ("queue", "compute", "batch_size"):
+                getattr(total, name).add(*snap[name])
+            for size, n, seconds in snap["batches"]:
+                b = total.batches.setdefault(int(size), [0, 0.0])
+                b[0] += n
+                b[1] += seconds
+            for name in ("model_ok", "model_fail", "request_compute"):
+                pair = getattr(total, name)
+                pair[0] += snap[name][0]
+                pair[1] += snap[name][1]
+            for reason, n in snap["dropped"].items():
+                total.dropped[reason] = total.dropped.get(reason, 0) + n
+            total.rejected_images += snap["rejected_images"]
+            total.last_inference_ms = max(total.last_inference_ms, snap["last_inference_ms"])
+        depth = sum(snap["queue_depth"] for snap in live)
+        info = max((snap["model_info"] for snap in live if snap["model_info"]), default={},
+                   key=lambda i: i.get("loaded_at", 0.0))
+        total.queue_depth = lambda: depth
+        total.model_info = lambda: info
+        return total
+
+
+SNAPSHOT = "worker-{pid}.json"  # a worker's Stats in the metrics folder (serve --workers)
+
+
+def write_snapshot(stats: Stats, folder: Path) -> None:
+    """Write `stats` as folder/worker-<pid>.json whole: aside, then renamed over (a reader never
+    sees half a file)."""
+    path = folder / SNAPSHOT.format(pid=os.getpid())
+    aside = path.with_name(f".{path.name}.new")
+    aside.write_text(json.dumps(stats.snapshot(), separators=(",", ":")))
+    os.replace(aside, path)
+
+
+def read_snapshots(folder: Path, live_pids: Callable[[], set[int]]) -> Stats:
+    """The whole server's Stats: every worker's snapshot in `folder` summed, those of workers
+    that died included; the gauges from the workers alive now."""
+    snapshots, live = [], []
+    alive = live_pids()
+    for path in sorted(folder.glob(SNAPSHOT.format(pid="*"))):
+        try:
+            snap = json.loads(path.read_text())
+            pid = int(path.stem.partition("-")[2])
+        except (OSError, ValueError):
+            continue  # not ours, or gone: skip it rather than fail the scrape
+        snapshots.append(snap)
+        if pid in alive:
+            live.append(snap)
+    return Stats.summed(snapshots, live)
+
 
 class StatsCollector(Collector):
-    """Prometheus view of Stats, built at scrape time."""
+    """Prometheus view of Stats, built at scrape time (`stats`: a Stats, or a function that
+    returns one at each scrape)."""
 
-    def __init__(self, stats: Stats) -> None:
+    def __init__(self, stats: Stats | Callable[[], Stats]) -> None:
         self.stats = stats
         self._lock = threading.Lock()  # scrapes come from the HTTP server's thread
 
     def collect(self):
-        s = self.stats
+        s = self.stats if isinstance(self.stats, Stats) else self.stats()
         with self._lock:
             methods = list(s.methods.values())
             requests = CounterMetricFamily("network3_requests", "Requests finished, by API, method and status code (gRPC name; HTTP status for api=http).",
@@ -184,14 +271,14 @@ def _histogram(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
     return m
 
 
-def registry_for(stats: Stats) -> CollectorRegistry:
+def registry_for(stats: Stats | Callable[[], Stats]) -> CollectorRegistry:
     """A registry of our own (not the global one), so several servers can live in one process."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatsCollector(stats))
     return registry
 
 
-def start_metrics_server(stats: Stats, port: int, host: str = "127.0.0.1"):
+def start_metrics_server(stats: Stats | Callable[[], Stats], port: int, host: str = "127.0.0.1"):
     """Serve /metrics on host:port in a daemon thread.  Returns the HTTP server (call shutdown())."""
     from prometheus_client import start_http_server
 

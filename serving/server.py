@@ -37,6 +37,8 @@ from .errors import BadModel
 from .metrics import Stats, start_metrics_server
 from .model import ModelOptions, load_model
 from .unbatched import Unbatched
+from .watch import watch, watched_files
+from .workers import LOG_FORMAT, WorkersFailed, cpu_count, supervise
 
 log = logging.getLogger("network3.server")
 
@@ -71,6 +73,12 @@ class ServerOptions:
     # often (0: only on SIGHUP).  Kubernetes updates a mounted Secret's files in place and sends
     # no signal; a stat of five files is all a check costs.
     watch_interval: float = 0.0
+    # Worker processes sharing the ports (SO_REUSEPORT), each with its own batcher and session,
+    # supervised by one parent (serving/workers.py).  1: this process serves, as it always has.
+    workers: int = 1
+    # With workers and metrics: where each worker writes its counters for the parent's /metrics
+    # (None: a new temporary folder).  Must be writable (the image's root filesystem is not).
+    metrics_dir: Path | None = None
 
 
 class _ProtocolLog(logging.LoggerAdapter):
@@ -179,9 +187,10 @@ class Network3Server:
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(None, load_model, o.model, o.model_options)
         batcher = (DynamicBatcher if o.batcher.batching else Unbatched)(model, o.batcher, self.stats)
-        access = AccessLog() if o.access_log else None
+        access = AccessLog(pid=o.workers > 1) if o.access_log else None
         self.serving = Serving(batcher=batcher, stats=self.stats, limits=o.limits, model_name=o.model_name,
-                               access=access, is_ready=lambda: not self.draining and batcher.model.ready)
+                               access=access, is_ready=lambda: not self.draining and batcher.model.ready,
+                               workers=o.workers)
         self.stats.model_info = lambda: {"name": o.model_name, "sha256": batcher.model.sha256,
                                          "path": str(batcher.model.path), "loaded_at": batcher.model.loaded_at}
         interceptors = []
@@ -195,7 +204,9 @@ class Network3Server:
         mb = o.limits.max_message_bytes
         server = grpc.aio.server(interceptors=interceptors or None, options=[
             ("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb),
-            ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+            # A second server on a taken port must fail, not share it; workers share theirs
+            # (the parent holds the port, so only its own workers can join: workers.py).
+            ("grpc.so_reuseport", int(o.workers > 1)),
         ])
         add_service(server, classifier_pb2.DESCRIPTOR.services_by_name["DigitClassifier"], ClassifierServicer(self.serving))
         add_service(server, grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
@@ -224,7 +235,7 @@ class Network3Server:
         if o.metrics_port is not None:
             self._metrics = start_metrics_server(self.stats, o.metrics_port, o.host)
         if o.watch_interval > 0:
-            self._watcher = loop.create_task(self._watch(o.watch_interval))
+            self._watcher = loop.create_task(watch(watched_files(o), o.watch_interval, self.reload))
         log.info("serving %s (sha256 %s, %s) as %r on %s:%d%s%s%s", model.path, model.sha256[:12],
                  ",".join(model.providers), o.model_name, o.host, self.port, " with TLS" if o.tls_cert else "",
                  f", http on :{self.http_port}" if self.http_port is not None else "",
@@ -240,7 +251,7 @@ class Network3Server:
                                keepalive_timeout=o.http_idle_timeout,
                                logger=_ProtocolLog(logging.getLogger("network3.http"), {}))
         await runner.setup()
-        site = web.TCPSite(runner, o.host, o.http_port, ssl_context=context, reuse_port=False)
+        site = web.TCPSite(runner, o.host, o.http_port, ssl_context=context, reuse_port=o.workers > 1)
         try:
             await site.start()
         except OSError as e:
@@ -309,28 +320,12 @@ class Network3Server:
             return False
         self._reloading = True
         try:
-            credentials = self._reload_credentials()
+            credentials = self.reload_credentials()
             return await self._reload_model() and credentials
         finally:
             self._reloading = False
 
-    async def _watch(self, interval: float) -> None:
-        """--watch-interval: reload when a watched file changed (its inode, size or mtime: a
-        Secret's files are swapped in by a rename).  A file caught half-written fails its
-        reload and keeps the old one; the rest of the write changes it again, and it reloads."""
-        o = self.options
-        paths = [p for p in (o.model, o.token_file, o.tls_cert, o.tls_key, o.tls_client_ca) if p is not None]
-        seen = _fingerprints(paths)
-        while True:
-            await asyncio.sleep(interval)
-            now = _fingerprints(paths)
-            if now != seen:
-                changed = ", ".join(str(p) for p, a, b in zip(paths, seen, now) if a != b)
-                log.info("changed on disk: %s: reloading", changed)
-                seen = now
-                await self.reload()
-
-    def _reload_credentials(self) -> bool:
+    def reload_credentials(self) -> bool:
         ok = True
         if self._token is not None:
             try:
@@ -350,27 +345,23 @@ class Network3Server:
         return ok
 
     async def _reload_model(self) -> bool:
-        old = self.serving.batcher.model
         try:
-            new = await asyncio.get_running_loop().run_in_executor(None, load_model, self.options.model,
-                                                                    self.options.model_options)
+            new = await self.load_model()
         except Exception as e:
-            log.error("model reload failed, still serving sha256 %s: %s", old.sha256[:12], _why(e))
+            log.error("model reload failed, still serving sha256 %s: %s", self.serving.model.sha256[:12], _why(e))
             return False
-        self.serving.batcher.model = new  # batches already running finish on the old model
-        log.info("reloaded %s: sha256 %s -> %s", new.path, old.sha256[:12], new.sha256[:12])
+        self.use_model(new)
         return True
 
+    async def load_model(self):
+        """The model file loaded and warmed up again, not yet served (raises on a bad file)."""
+        return await asyncio.get_running_loop().run_in_executor(None, load_model, self.options.model,
+                                                                 self.options.model_options)
 
-def _fingerprints(paths: list[Path]) -> list[tuple[int, int, int] | None]:
-    out = []
-    for path in paths:
-        try:
-            st = os.stat(path)  # through the symlinks a Secret's volume is made of
-            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-        except OSError:
-            out.append(None)  # gone (mid-swap, or deleted): a change like any other
-    return out
+    def use_model(self, new) -> None:
+        old = self.serving.batcher.model
+        self.serving.batcher.model = new  # batches already running finish on the old model
+        log.info("reloaded %s: sha256 %s -> %s", new.path, old.sha256[:12], new.sha256[:12])
 
 
 def _why(e: Exception) -> str:
@@ -409,6 +400,23 @@ async def serve(options: ServerOptions) -> int:
 
 # Every default below is read from the option dataclass it configures: written once, there.
 B, L, M, S = BatcherOptions, Limits, ModelOptions, ServerOptions
+
+
+class _Workers(click.ParamType):
+    name = "workers"
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        if str(value).strip().lower() == "auto":
+            return cpu_count()
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            self.fail(f"{value!r} is not a number of workers (1 or more) or auto", param, ctx)
+        return n
 
 
 @click.command("serve", context_settings={"max_content_width": 100, "show_default": True})
@@ -455,16 +463,25 @@ B, L, M, S = BatcherOptions, Limits, ModelOptions, ServerOptions
               help="Every this many seconds, check whether the model, token or TLS files changed on disk, and "
                    "reload as SIGHUP does when one did (Kubernetes updates a mounted Secret's files and sends no "
                    "signal).  0: reload only on SIGHUP.")
+@click.option("--workers", default=str(S.workers), metavar="N|auto", type=_Workers(),
+              help="Worker processes sharing the ports, each with its own batcher and onnxruntime session, under "
+                   "one parent that replaces a worker that dies and passes on SIGTERM and SIGHUP (auto: one per "
+                   "CPU this process may use).  Each worker computes with --intra-op-threads threads: keep "
+                   "workers x threads at most the cores.")
+@click.option("--metrics-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="With --workers and --metrics-port: the folder where each worker leaves its counters for the "
+                   "parent's /metrics (a writable mount, e.g. an emptyDir; default: a new temporary folder).")
 @click.option("--access-log/--no-access-log", default=S.access_log, help="One line per RPC or HTTP request on stderr: id, method, status, images, latency.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Log level of the server's own messages.")
 def serve_command(model, host, port, http_port, no_http, http_idle_timeout, cors_origins, model_name, max_batch_size, max_queue_delay_us, max_queue_size, instances,
                   batching, inline_max_images, intra_op_threads, max_message_bytes, max_images_per_request, max_pixels,
-                  grace, metrics_port, tls_cert, tls_key, tls_client_ca, token_file, watch_interval, access_log, log_level):
+                  grace, metrics_port, tls_cert, tls_key, tls_client_ca, token_file, watch_interval, workers, metrics_dir, access_log,
+                  log_level):
     """Serve an ONNX model over gRPC (network3.v1.DigitClassifier and the Triton/KServe v2 API) and
     HTTP (the v2 REST API, /v1 and a page)."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=LOG_FORMAT if workers > 1 else "%(asctime)s %(levelname)s %(name)s: %(message)s")
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
     if tls_client_ca and not tls_cert:
@@ -479,11 +496,11 @@ def serve_command(model, host, port, http_port, no_http, http_idle_timeout, cors
         model_options=ModelOptions(intra_op_threads=intra_op_threads),
         grace=grace, metrics_port=metrics_port, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
         token_file=token_file, access_log=access_log, http_idle_timeout=http_idle_timeout,
-        cors_origins=tuple(cors_origins), watch_interval=watch_interval,
+        cors_origins=tuple(cors_origins), watch_interval=watch_interval, workers=workers, metrics_dir=metrics_dir,
     )
     try:
-        code = asyncio.run(serve(options))
-    except (BadModel, CredentialError, StartupError) as e:  # missing/corrupt model, bad TLS or token file, port taken: one line
+        code = asyncio.run(serve(options) if workers == 1 else supervise(options, Network3Server))
+    except (BadModel, CredentialError, StartupError, WorkersFailed) as e:  # missing/corrupt model, bad TLS or token file, port taken: one line
         raise click.ClickException(str(e)) from None
     sys.exit(code)
 

@@ -53,6 +53,7 @@ class Serving:
     inflight: int = 0  # RPCs inside a wrapper and HTTP requests inside the middlewares now (the drain waits for 0)
     decode_pool: Executor = field(default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="network3-decode"))
     is_ready: Callable[[], bool] = lambda: True
+    workers: int = 1  # worker processes of this server (serve --workers): the counters here are this one's
 
     @property
     def model(self):
@@ -85,14 +86,15 @@ def safe_id(rid: str) -> str:
 
 
 class AccessLog:
-    """One line per RPC: `<time> access id=.. method=.. code=.. images=.. ms=..`.
+    """One line per RPC: `<time> access id=.. method=.. code=.. images=.. ms=..`; with `pid`
+(serve --workers N > 1), `<time> access pid=<worker pid> id=..`.
 
     Lines are buffered and written every `flush_s` seconds (and on close): a logging call per
     request costs a sizeable part of a 1-image request, appending an f-string to a list very
     little (docs/results.md has the figures).
     """
 
-    def __init__(self, stream=None, flush_s: float = 0.25) -> None:
+    def __init__(self, stream=None, flush_s: float = 0.25, pid: bool = False) -> None:
         self.stream = stream or sys.stderr
         self.flush_s = flush_s
         self._lines: list[str] = []
@@ -100,6 +102,7 @@ class AccessLog:
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}-"
         self._second, self._stamp = -1, ""
+        self._access = f"access pid={os.getpid()}" if pid else "access"
 
     def new_id(self) -> str:
         return f"{self._prefix}{next(self._ids)}"
@@ -112,7 +115,7 @@ class AccessLog:
         second = int(t)
         if second != self._second:  # strftime once a second, not once a line
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        self._lines.append(f"{self._stamp}.{int((t - second) * 1000):03d}Z access id={rid} method={method} "
+        self._lines.append(f"{self._stamp}.{int((t - second) * 1000):03d}Z {self._access} id={rid} method={method} "
                            f"code={code} images={images} ms={seconds * 1000:.3f}\n")
         if self._timer is None:
             try:

@@ -279,7 +279,9 @@ class V2:
 
     async def statistics(self, request: web.Request) -> web.Response:
         name, version = _model(request) if "model" in request.match_info else ("", "")
-        return json_response(proto_json(inference.model_statistics(self.serving, name, version)))
+        response = json_response(proto_json(inference.model_statistics(self.serving, name, version)))
+        response.headers[inference.STATISTICS_SCOPE] = inference.statistics_scope(self.serving)
+        return response
 
     async def infer(self, request: web.Request) -> web.Response:
         s = self.serving

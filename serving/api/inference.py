@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import os
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
@@ -68,6 +69,7 @@ class InferenceServicer(Servicer, pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc(pb.ModelStatisticsRequest)
     async def ModelStatistics(self, request, context):
+        context.set_trailing_metadata(((STATISTICS_SCOPE, statistics_scope(self.serving)),))
         return model_statistics(self.serving, request.name, request.version)
 
     # -- inference --------------------------------------------------------------------------
@@ -207,6 +209,16 @@ def _image_model_config(s, model, o, gpu: bool) -> mc.ModelConfig:
         default_model_filename=model.path.name,
         parameters={k: mc.ModelParameter(string_value=v) for k, v in model_facts(model).items()},
     )
+
+
+# ModelStatistics answers with this metadata (gRPC trailing metadata, an HTTP header) saying
+# what its numbers count: `server`, or with `serve --workers N` (N > 1) `worker pid=<pid> of <N>`:
+# only the requests of the worker that answered (the whole server's: /metrics).
+STATISTICS_SCOPE = "network3-statistics-scope"
+
+
+def statistics_scope(s) -> str:
+    return "server" if s.workers == 1 else f"worker pid={os.getpid()} of {s.workers}"
 
 
 def model_statistics(s, name: str = "", version: str = "") -> pb.ModelStatisticsResponse:
