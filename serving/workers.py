@@ -173,8 +173,10 @@ async def _serve(server, options, conn) -> int:
         elif kind == "stop":
             spawn(server.stop())
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: spawn(server.stop()))
+    loop.add_signal_handler(signal.SIGTERM, lambda: spawn(server.stop()))
+    # Ctrl-C reaches the whole process group: the parent drains the workers (SIGTERM), and
+    # a worker that stopped on its own first would be replaced.
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
     # All workers reload together, from the parent: a SIGHUP sent to one alone changes nothing.
     loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("SIGHUP ignored: send it to the parent, pid %d",
                                                                 os.getppid()))
