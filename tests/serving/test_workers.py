@@ -277,3 +277,66 @@ def test_a_taken_port_fails_at_once_and_no_one_joins_the_workers(process_server,
     line = one_error_line(run(serve_argv("--workers", "2", "--port", "0"), tmp_path / "missing.onnx"))
     assert "missing.onnx" in line
     assert s.stop() == 0
+
+
+class FakeConn:
+    """A worker's end of the pipe as the parent sees it: answers "prepare" as told."""
+
+    def __init__(self, worker, answer) -> None:
+        self.worker, self.answer, self.sent = worker, answer, []
+
+    def send(self, message) -> None:
+        self.sent.append(message)
+        if message == ("prepare",):
+            self.worker.reply.set_result(self.answer)
+
+
+@pytest.mark.parametrize("answers, switch", [
+    ([("prepared", "a" * 64), ("prepared", "a" * 64)], True),
+    ([("prepared", "a" * 64), ("prepare-failed", "bad.onnx is not a loadable ONNX model")], False),
+    ([("prepared", "a" * 64), ("prepared", "b" * 64)], False),  # the file changed between the two loads
+])
+def test_reload_switches_all_workers_or_none(answers, switch, caplog):
+    """The parent's two phases: every worker loads the file, and all switch to it (commit True)
+    only if every one loaded the same file; else all keep the old model (commit False)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from serving.workers import Supervisor, Worker
+
+    async def reload():
+        sup = Supervisor(SimpleNamespace(workers=len(answers), model="m.onnx"), None)
+        sup.sha256 = "0" * 64
+        loop = asyncio.get_running_loop()
+        for slot, answer in enumerate(answers):
+            w = Worker(slot, SimpleNamespace(exitcode=None), None, 0.0, 100 + slot, ready=loop.create_future())
+            w.ready.set_result(None)
+            w.conn = FakeConn(w, answer)
+            sup.workers[slot] = w
+        return sup, await sup.reload()
+
+    sup, ok = asyncio.run(reload())
+    assert ok is switch
+    for w in sup.workers.values():
+        assert w.conn.sent == [("prepare",), ("commit", switch)]
+    assert sup.sha256 == ("a" * 64 if switch else "0" * 64)
+    assert any("still serving sha256 000000000000" in r.getMessage() for r in caplog.records) is not switch
+
+
+def test_watch_interval_reloads_every_worker(process_server, onnx_model, tmp_path):
+    """--watch-interval with workers: the parent watches, and reloads them all as on SIGHUP."""
+    import onnx
+
+    path = tmp_path / "served.onnx"
+    shutil.copy(onnx_model, path)
+    s = process_server("--workers", "2", "--watch-interval", "0.2", model=path)
+    first = hashlib.sha256(path.read_bytes()).hexdigest()
+    m = onnx.load(str(onnx_model))
+    m.metadata_props.add(key="reload_marker", value="watched")
+    onnx.save(m, str(tmp_path / "new.onnx"))
+    os.replace(tmp_path / "new.onnx", path)
+    second = hashlib.sha256(path.read_bytes()).hexdigest()
+    s.wait_for_log(rf"reloaded \S+ in all 2 workers: sha256 {first[:12]} -> {second[:12]}")
+    for pid in pids_of(s):
+        s.wait_for_log(rf"network3.server\[{pid}\]: reloaded \S+: sha256 {first[:12]} -> {second[:12]}")
+    assert s.stop() == 0
