@@ -183,13 +183,16 @@ class Stats:
         return total
 
 
-SNAPSHOT = "worker-{pid}.json"  # a worker's Stats in the metrics folder (serve --workers)
+# A worker's Stats in the metrics folder (serve --workers): named by its pid and its start, so
+# a new process that is given a dead one's pid does not write over the dead one's counts.
+SNAPSHOT = "worker-{pid}-{start}.json"
+_STARTED = time.time_ns()
 
 
 def write_snapshot(stats: Stats, folder: Path) -> None:
     """Write `stats` as folder/worker-<pid>.json whole: aside, then renamed over (a reader never
     sees half a file)."""
-    path = folder / SNAPSHOT.format(pid=os.getpid())
+    path = folder / SNAPSHOT.format(pid=os.getpid(), start=_STARTED)
     aside = path.with_name(f".{path.name}.new")
     aside.write_text(json.dumps(stats.snapshot(), separators=(",", ":")))
     os.replace(aside, path)
@@ -200,10 +203,10 @@ def read_snapshots(folder: Path, live_pids: Callable[[], set[int]]) -> Stats:
     that died included; the gauges from the workers alive now."""
     snapshots, live = [], []
     alive = live_pids()
-    for path in sorted(folder.glob(SNAPSHOT.format(pid="*"))):
+    for path in sorted(folder.glob(SNAPSHOT.format(pid="*", start="*"))):
         try:
             snap = json.loads(path.read_text())
-            pid = int(path.stem.partition("-")[2])
+            pid = int(path.stem.split("-")[1])
         except (OSError, ValueError):
             continue  # not ours, or gone: skip it rather than fail the scrape
         snapshots.append(snap)

@@ -38,6 +38,7 @@ import asyncio
 import ctypes
 import dataclasses
 import errno
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -114,12 +115,15 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _worker(server_class, options, conn, parent: int, log_level: int) -> None:
+def _worker(server_class, options, conn, parent: int, log_level: int, expect: str) -> None:
     """A worker process: one Network3Server (`server_class`, passed in so that this module does
-    not import the server) on the shared ports, until SIGTERM or the parent goes."""
+    not import the server) on the shared ports, until SIGTERM or the parent goes.  `expect`:
+    the sha256 the other workers serve (a replacement must serve the same), or ""."""
     _die_with_parent(parent)
     logging.basicConfig(level=log_level, stream=sys.stderr, format=LOG_FORMAT)
     try:
+        if expect:
+            _check_file(options.model, expect)
         code = asyncio.run(_serve(server_class(options), options, conn))
     except BaseException as e:  # noqa: BLE001  (a worker reports, never prints a traceback)
         _send(conn, ("failed", _one_line(e)))
@@ -127,6 +131,20 @@ def _worker(server_class, options, conn, parent: int, log_level: int) -> None:
     logging.shutdown()
     sys.stderr.flush()
     os._exit(code)  # not multiprocessing's exit: nothing of the parent's to run here
+
+
+def _check_file(path: Path, expect: str) -> None:
+    try:
+        sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return  # the load says why
+    if sha != expect:
+        raise WorkersFailed(_changed(path, sha, expect))
+
+
+def _changed(path, sha: str, expect: str) -> str:
+    return (f"{path} is sha256 {sha[:12]} where the other workers serve {expect[:12]}: the file changed "
+            f"since the last reload (SIGHUP reloads every worker)")
 
 
 async def _serve(server, options, conn) -> int:
@@ -266,11 +284,19 @@ class Supervisor:
                 folder = self._own_dir = Path(tempfile.mkdtemp(prefix="network3-metrics-"))
             else:
                 folder.mkdir(parents=True, exist_ok=True)
-                for old in folder.glob(SNAPSHOT.format(pid="*")):  # a previous run's: its counts are not ours
+                for old in folder.glob(SNAPSHOT.format(pid="*", start="*")):  # a previous run's: its counts are not ours
                     old.unlink()
         self.worker_options = dataclasses.replace(o, port=port, http_port=http_port, metrics_port=None,
                                                   watch_interval=0.0, metrics_dir=folder)
         self.port, self.http_port = port, http_port
+        if folder is not None:  # before the workers start: a taken port fails at once
+            try:
+                self._metrics = start_metrics_server(lambda: read_snapshots(folder, self.live_pids), o.metrics_port,
+                                                     o.host)
+            except OSError as e:
+                self._release()
+                raise WorkersFailed(f"cannot listen on metrics {o.host}:{o.metrics_port}: "
+                                    f"{os.strerror(e.errno) if e.errno else e}") from None
         for slot in range(o.workers):
             self._start(slot)
         try:
@@ -279,8 +305,6 @@ class Supervisor:
             await self.stop(quiet=True)
             raise
         self.started = True
-        if folder is not None:
-            self._metrics = start_metrics_server(lambda: read_snapshots(folder, self.live_pids), o.metrics_port, o.host)
         if o.watch_interval > 0:
             self._spawn(watch(watched_files(o), o.watch_interval, self.reload))
         log.info("%d workers serving %s as %r on %s:%d (pids %s)%s%s", o.workers, o.model, o.model_name, o.host, port,
@@ -291,7 +315,7 @@ class Supervisor:
         ours, theirs = self._ctx.Pipe()
         process = self._ctx.Process(target=_worker, name=f"network3-worker-{slot}", daemon=True,
                                     args=(self.server_class, self.worker_options, theirs, os.getpid(),
-                                          logging.getLogger().level))
+                                          logging.getLogger().level, self.sha256 if self.started else ""))
         process.start()
         theirs.close()
         loop = asyncio.get_running_loop()
@@ -316,6 +340,12 @@ class Supervisor:
             asyncio.get_running_loop().remove_reader(w.conn.fileno())
             return  # it exited: _on_exit
         if kind == "ready":
+            if self.started and args[0] != self.sha256:
+                # A replacement must serve what the others serve: the file changed on disk since
+                # the last reload.  Retried (with backoff) until a reload makes them agree.
+                w.error = _changed(self.options.model, args[0], self.sha256)
+                _signal(w.pid, signal.SIGTERM)
+                return
             self.sha256 = self.sha256 or args[0]
             self.http_url = self.http_url or args[1]
             if not w.ready.done():
@@ -377,6 +407,9 @@ class Supervisor:
         self._reloading = True
         try:
             workers = [w for w in self.workers.values() if w.ready.done() and w.process.exitcode is None]
+            if not workers:
+                log.warning("reload ignored: no worker is serving")
+                return False
             loop = asyncio.get_running_loop()
             for w in workers:
                 w.reply = loop.create_future()

@@ -340,3 +340,31 @@ def test_watch_interval_reloads_every_worker(process_server, onnx_model, tmp_pat
     for pid in pids_of(s):
         s.wait_for_log(rf"network3.server\[{pid}\]: reloaded \S+: sha256 {first[:12]} -> {second[:12]}")
     assert s.stop() == 0
+
+
+def test_a_replacement_serves_what_the_others_serve(process_server, onnx_model, tmp_path, expected):
+    """The file changed on disk and nobody reloaded: a replacement worker that loaded the new file
+    does not serve beside workers on the old one; after SIGHUP all serve the new file."""
+    import onnx
+
+    pixels, digits = expected
+    path = tmp_path / "served.onnx"
+    shutil.copy(onnx_model, path)
+    s = process_server("--workers", "2", model=path)
+    pids = pids_of(s)
+    first = hashlib.sha256(path.read_bytes()).hexdigest()
+    m = onnx.load(str(onnx_model))
+    m.metadata_props.add(key="reload_marker", value="unannounced")
+    onnx.save(m, str(tmp_path / "new.onnx"))
+    os.replace(tmp_path / "new.onnx", path)
+    second = hashlib.sha256(path.read_bytes()).hexdigest()
+    os.kill(pids[0], signal.SIGKILL)
+    s.wait_for_log(rf"served.onnx is sha256 {second[:12]} where the other workers serve {first[:12]}: the file changed")
+    assert "serves, replacing pid" not in s.log()
+    s.signal(signal.SIGHUP)
+    s.wait_for_log(rf"reloaded \S+ in all 1 workers: sha256 {first[:12]} -> {second[:12]}")
+    new = int(s.wait_for_log(r"worker pid (\d+) serves, replacing pid \d+ ", timeout=60).group(1))
+    assert new not in pids and alive(new)
+    assert len(re.findall(r"network3.server\[\d+\]: serving ", s.log())) == 3  # the first two, and the one after SIGHUP
+    assert classify_once(s.address, pixels[5].tobytes()) == digits[5]
+    assert s.stop() == 0
