@@ -466,7 +466,7 @@ class _Workers(click.ParamType):
 @click.option("--workers", default=str(S.workers), metavar="N|auto", type=_Workers(),
               help="Worker processes sharing the ports, each with its own batcher and onnxruntime session, under "
                    "one parent that replaces a worker that dies and passes on SIGTERM and SIGHUP (auto: one per "
-                   "CPU this process may use).  Each worker computes with --intra-op-threads threads: keep "
+                   "CPU this process may use: its CPU affinity, within its cgroup's CPU quota).  Each worker computes with --intra-op-threads threads: keep "
                    "workers x threads at most the cores.")
 @click.option("--metrics-dir", type=click.Path(file_okay=False, path_type=Path),
               help="With --workers and --metrics-port: the folder where each worker leaves its counters for the "

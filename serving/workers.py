@@ -40,6 +40,7 @@ import dataclasses
 import errno
 import hashlib
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -66,9 +67,18 @@ class WorkersFailed(Exception):
     """The workers could not start (a port taken, a bad model file): one line."""
 
 
-def cpu_count() -> int:
-    """`--workers auto`: the CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def cpu_count(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """`--workers auto`: the CPUs this process may use: those it may run on, and no more than
+    its cgroup's CPU quota (cgroup v2 `cpu.max`, "200000 100000": 2 CPUs; a Kubernetes CPU
+    limit), rounded up."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 here, or no quota
+    return n
 
 
 # ------------------------------------------------------------------------------ the ports --
@@ -155,7 +165,7 @@ async def _serve(server, options, conn) -> int:
         _send(conn, ("failed", _one_line(e)))
         return 1
     tasks: set[asyncio.Task] = set()
-    pending = []  # the model a "prepare" loaded, until "commit" or "abort"
+    pending = []  # the model a "prepare" loaded, until "commit" (True: serve it; False: drop it)
 
     def spawn(coro) -> None:
         task = loop.create_task(coro)
@@ -188,8 +198,6 @@ async def _serve(server, options, conn) -> int:
             spawn(prepare())
         elif kind == "commit":
             commit(*args)
-        elif kind == "stop":
-            spawn(server.stop())
 
     loop.add_signal_handler(signal.SIGTERM, lambda: spawn(server.stop()))
     # Ctrl-C reaches the whole process group: the parent drains the workers (SIGTERM), and
@@ -228,7 +236,8 @@ def _send(conn, message) -> None:
 def _one_line(e: BaseException) -> str:
     """Our own errors (a bad model, a port taken) are one line already; others get their type."""
     text = " ".join(str(e).split())
-    return text if text and type(e).__module__.startswith("serving.") else f"{type(e).__name__}: {text}".rstrip(": ")
+    ours = type(e).__module__.partition(".")[0] in ("serving", "__mp_main__")  # __mp_main__: `-m serving.server`
+    return text if text and ours else f"{type(e).__name__}: {text}".rstrip(": ")
 
 
 # ---------------------------------------------------------------------------- the parent --

@@ -368,3 +368,14 @@ def test_a_replacement_serves_what_the_others_serve(process_server, onnx_model, 
     assert len(re.findall(r"network3.server\[\d+\]: serving ", s.log())) == 3  # the first two, and the one after SIGHUP
     assert classify_once(s.address, pixels[5].tobytes()) == digits[5]
     assert s.stop() == 0
+
+
+@pytest.mark.parametrize("cpu_max, quota", [("max 100000", None), ("150000 100000", 2), ("50000 100000", 1), (None, None)])
+def test_workers_auto_is_the_cpus_we_may_use(tmp_path, cpu_max, quota):
+    from serving.workers import cpu_count
+
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max + "\n")
+    cpus = len(os.sched_getaffinity(0))
+    assert cpu_count(path) == (cpus if quota is None else min(cpus, quota))
