@@ -25,7 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from fixtures_serving import ROOT, png
+from fixtures_serving import ROOT, png, thread_server
 from protos.inference import grpc_service_pb2 as v2
 from protos.network3.v1 import classifier_pb2 as pb
 from serving.client import Client
@@ -129,7 +129,19 @@ def test_every_worker_answers_and_metrics_count_them_all(process_server, expecte
             v2.ModelStatisticsRequest().SerializeToString(), timeout=T)
         scope = dict(call.trailing_metadata())["network3-statistics-scope"]
     assert re.fullmatch(r"worker pid=(\d+) of 2", scope) and int(scope.split("=")[1].split()[0]) in pids
+    with urllib.request.urlopen(f"{s.http_url}/v2/models/stats", timeout=T) as r:
+        scope = r.headers["network3-statistics-scope"]
+    assert re.fullmatch(r"worker pid=(\d+) of 2", scope) and int(scope.split("=")[1].split()[0]) in pids
     assert s.stop() == 0
+
+
+def test_one_process_statistics_count_the_server(onnx_model):
+    with thread_server(onnx_model) as s, grpc.insecure_channel(s.address) as ch:
+        _, call = ch.unary_unary("/inference.GRPCInferenceService/ModelStatistics").with_call(
+            v2.ModelStatisticsRequest().SerializeToString(), timeout=T)
+        assert dict(call.trailing_metadata())["network3-statistics-scope"] == "server"
+        with urllib.request.urlopen(f"{s.http_url}/v2/models/stats", timeout=T) as r:
+            assert r.headers["network3-statistics-scope"] == "server"
 
 
 def test_sigkill_of_a_worker_under_load(process_server, expected):
