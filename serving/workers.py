@@ -17,6 +17,7 @@ The parent:
   the whole server: each worker writes its counters to the metrics folder every second and
   when it stops (metrics.write_snapshot), the parent sums every file, those of workers that
   died included, so a total never goes down (a SIGKILLed worker's last second is lost);
+  the gauges (queue depth, the model) come from the live workers' files, up to a second old;
 - replaces a worker that dies at once, with exponential backoff only while replacements keep
   dying within RESTART_WINDOW_S; logged;
 - SIGTERM/SIGINT: forwards SIGTERM to every worker (each drains as one server does), waits

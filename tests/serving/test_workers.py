@@ -277,6 +277,8 @@ def test_a_taken_port_fails_at_once_and_no_one_joins_the_workers(process_server,
         assert line == f"Error: cannot listen on 127.0.0.1:{port}: Address already in use"
         line = one_error_line(run(serve_argv("--workers", "2", "--port", "0", "--http-port", str(port)), onnx_model))
         assert line == f"Error: cannot listen on http 127.0.0.1:{port}: Address already in use"
+        line = one_error_line(run(serve_argv("--workers", "2", "--port", "0", "--metrics-port", str(port)), onnx_model))
+        assert line == f"Error: cannot listen on metrics 127.0.0.1:{port}: Address already in use"
     # A running --workers server's ports: neither another --workers server nor a plain one joins them.
     s = process_server("--workers", "2")
     for args in (("--workers", "2", "--port", str(s.port), "--http-port", "0"),
