@@ -277,7 +277,7 @@ def test_a_taken_port_fails_at_once_and_no_one_joins_the_workers(process_server,
         assert line == f"Error: cannot listen on 127.0.0.1:{port}: Address already in use"
         line = one_error_line(run(serve_argv("--workers", "2", "--port", "0", "--http-port", str(port)), onnx_model))
         assert line == f"Error: cannot listen on http 127.0.0.1:{port}: Address already in use"
-        line = one_error_line(run(serve_argv("--workers", "2", "--port", "0", "--metrics-port", str(port)), onnx_model))
+        line = one_error_line(run(serve_argv("--workers", "2", "--port", "0", "--no-http", "--metrics-port", str(port)), onnx_model))
         assert line == f"Error: cannot listen on metrics 127.0.0.1:{port}: Address already in use"
     # A running --workers server's ports: neither another --workers server nor a plain one joins them.
     s = process_server("--workers", "2")
@@ -288,7 +288,7 @@ def test_a_taken_port_fails_at_once_and_no_one_joins_the_workers(process_server,
         r = run(serve_argv(*args), onnx_model)
         assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith("Error: cannot listen on"), r.stderr
     # A bad model: one line too (from the worker that could not load it).
-    line = one_error_line(run(serve_argv("--workers", "2", "--port", "0"), tmp_path / "missing.onnx"))
+    line = one_error_line(run(serve_argv("--workers", "2", "--port", "0", "--no-http"), tmp_path / "missing.onnx"))
     assert "missing.onnx" in line
     assert s.stop() == 0
 
