@@ -15,7 +15,7 @@ TRAIN_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help install install-serving data train evaluate export serve classify demo test test-serving lint protos \
-	book bench bench-train bench-export bench-serve bench-http perf-analyzer-deps bench-client bench-preprocess soak fuzz clean
+	book bench bench-train bench-export bench-serve bench-http perf-analyzer-deps bench-client bench-preprocess soak fuzz image image-test clean
 .DEFAULT_GOAL := help
 
 # `make` and `make help`: every target with the one line after its `##`.
@@ -169,3 +169,20 @@ SOAK_ARGS ?=
 soak: install ## the server under a mix of clients for SOAK_SECONDS, then overloaded
 	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
 	$(PY) benchmarks/soak.py --model $(MODEL) --seconds $(SOAK_SECONDS) $(SOAK_ARGS)
+
+# ---- container image ----
+# The server's image (Containerfile) as IMAGE:latest and IMAGE:<version in pyproject.toml>, with
+# podman (else docker), MODEL baked in; the default MODEL is trained and exported first when it is
+# missing (as `make demo` does), any other MODEL must exist.  Where debian:bookworm-slim cannot be
+# pulled, the base is built from Debian's packages (deploy/image/debian-base.sh: debootstrap).
+IMAGE ?= network3
+image: ## the server's container image IMAGE:latest and :version (podman or docker), MODEL baked in
+	@test -f $(MODEL) || [ "$(MODEL)" != "models/$(PRESET).onnx" ] || $(MAKE) --no-print-directory data train export PRESET=$(PRESET) MODEL=$(MODEL)
+	IMAGE=$(IMAGE) deploy/image/build.sh $(MODEL)
+
+# Build the image, check it (size, non-root, no torch) and run it: cold start, HEALTHCHECK, PNGs
+# classified over gRPC and HTTP from outside, metrics, SIGTERM and exit 0 (deploy/image/check.py;
+# where `podman run` cannot start, a chroot of the mounted image stands in for it, as root).
+image-test: image install-serving ## build the image, run it, classify over gRPC and HTTP from outside, SIGTERM
+	$(VENV_SERVING)/bin/python demo/make_samples.py --out demo/samples
+	$(VENV_SERVING)/bin/python deploy/image/check.py --image $(IMAGE):latest --samples demo/samples

@@ -51,6 +51,14 @@ if [ "$ENGINE" = podman ]; then
     args+=(--volume "$(realpath "$cert"):/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt)
   fi
 fi
+if [ "$ENGINE" = podman ]; then
+  # buildah (podman 4.3) reuses a cached LABEL step whatever the build args now say: the labels
+  # made of a build arg are given with --label as well (names and args read from the Containerfile).
+  declare -A value=([MODEL_SHA256]=$sha [VERSION]=$version [REVISION]=$revision [SOURCE]=$source)
+  while read -r key arg; do
+    [ -n "${value[$arg]+set}" ] && args+=(--label "$key=${value[$arg]}")
+  done < <(sed -n 's/^[[:space:]]*\(LABEL[[:space:]]\+\)\?\([a-z0-9.]\+\)="\${\([A-Z0-9_]\+\)}".*/\2 \3/p' Containerfile)
+fi
 echo "$me: $ENGINE ${args[*]} ." >&2
 "$ENGINE" "${args[@]}" .
 echo "$me: built $IMAGE:latest and $IMAGE:$version from $model_rel (sha256 $sha)" >&2

@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
@@ -38,6 +39,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 BASE = "docker.io/library/debian:bookworm-slim"  # the Containerfile's FROM
+REPO = Path(__file__).resolve().parents[2]
 MB = 1_000_000  # as podman and docker print image sizes
 
 
@@ -151,9 +153,7 @@ def check(args, stack: ExitStack) -> None:
     if not healthcheck.get("Test"):
         raise CheckFailed("the image has no HEALTHCHECK (built without --format docker?)")
     labels = config.get("Labels") or {}
-    say(f"user {user}, entrypoint {config.get('Entrypoint')} cmd {config.get('Cmd')}, "
-        f"version {labels.get('org.opencontainers.image.version')!r}, "
-        f"model sha256 {labels.get('io.network3.model.sha256')!r}")
+    say(f"user {user}, entrypoint {config.get('Entrypoint')}, cmd {config.get('Cmd')}")
 
     env = parse_env(config.get("Env") or [])
     grpc_port, http_port, metrics_port = free_ports(3)
@@ -185,6 +185,19 @@ def check(args, stack: ExitStack) -> None:
     if r.returncode != 0:
         raise CheckFailed(f"torch is importable in the image, or python would not run: {r.stderr.strip()[-300:]}")
     say("no torch in the image")
+
+    # ---- the labels say what is inside: the project's version, the baked model's sha256 ----
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    if labels.get("org.opencontainers.image.version") != version:
+        raise CheckFailed(f"label org.opencontainers.image.version is {labels.get('org.opencontainers.image.version')!r}, "
+                          f"pyproject.toml says {version!r} (build with `make image`)")
+    model = env.get("NETWORK3_MODEL", "")
+    r = sh(*in_image(["sha256sum", model]), check=False)
+    sha = r.stdout.split()[0] if r.returncode == 0 and r.stdout else f"unreadable ({r.stderr.strip()})"
+    if labels.get("io.network3.model.sha256") != sha:
+        raise CheckFailed(f"label io.network3.model.sha256 is {labels.get('io.network3.model.sha256')!r}, "
+                          f"but {model} in the image has sha256 {sha}")
+    say(f"labels: version {version}, model sha256 {sha[:12]}... matches {model}")
 
     # ---- start, cold start ----
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"network3-image-test-{os.getpid()}.log", "w+")
