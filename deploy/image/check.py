@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-accuracy", type=float, default=0.9)
     ap.add_argument("--engine", default=os.environ.get("ENGINE") or ("podman" if shutil.which("podman") else "docker"))
     args = ap.parse_args(argv)
+    # Killed by make or CI: unwind (stop the server, undo the mounts) as for Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         with ExitStack() as stack:
             check(args, stack)
