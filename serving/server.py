@@ -1,6 +1,6 @@
 """`network3 serve`: both gRPC APIs and HTTP/1.1 (the v2 REST API, /v1, the page) over one
 batcher, in one event loop, with health, reflection, auth, TLS, limits, metrics, access log,
-graceful drain (SIGTERM/SIGINT) and model reload (SIGHUP).
+graceful drain (SIGTERM/SIGINT) and reload (SIGHUP: the model, the token and the TLS files).
 
 This module only wires things together; the work is in model.py, batcher.py and api/.
 """
@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hmac
 import logging
 import os
 import signal
-import ssl
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ from .api.http import build_app
 from .api.inference import API as INFERENCE_API, InferenceServicer
 from .batcher import BatcherOptions, DynamicBatcher
 from .contract import MODEL_NAME
+from .credentials import CredentialError, Tls, Token
 from .errors import BadModel
 from .metrics import Stats, start_metrics_server
 from .model import ModelOptions, load_model
@@ -68,6 +67,10 @@ class ServerOptions:
     # its last answer (aiohttp's keepalive_timeout; its default is an hour).
     http_idle_timeout: float = 75.0
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the HTTP API (none: CORS off)
+    # Reload (as SIGHUP does) when the model, token or TLS files change on disk, checked this
+    # often (0: only on SIGHUP).  Kubernetes updates a mounted Secret's files in place and sends
+    # no signal; a stat of five files is all a check costs.
+    watch_interval: float = 0.0
 
 
 class _ProtocolLog(logging.LoggerAdapter):
@@ -87,14 +90,14 @@ class _ProtocolLog(logging.LoggerAdapter):
 
 
 class StartupError(Exception):
-    """The server cannot start as configured (token or TLS files, address); one clear line."""
+    """The server cannot start as configured (an address it cannot bind); one clear line."""
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
     """`authorization: Bearer <token>` on every call but health and reflection."""
 
-    def __init__(self, token: str, stats: Stats, access: AccessLog | None = None) -> None:
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, token: Token, stats: Stats, access: AccessLog | None = None) -> None:
+        self._token = token
         self._stats = stats
         self._access = access
 
@@ -105,7 +108,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
                 got = value.encode() if isinstance(value, str) else value
-        if hmac.compare_digest(got, self._expected):  # constant time
+        if self._token.matches(got):
             return await continuation(details)
         handler = await continuation(details)
         if handler is None:
@@ -167,6 +170,9 @@ class Network3Server:
         self._stopped = asyncio.Event()
         self._reloading = False
         self.serving: Serving | None = None
+        self._token: Token | None = None
+        self._tls: Tls | None = None
+        self._watcher: asyncio.Task | None = None
 
     async def start(self) -> int:
         o = self.options
@@ -179,9 +185,13 @@ class Network3Server:
         self.stats.model_info = lambda: {"name": o.model_name, "sha256": batcher.model.sha256,
                                          "path": str(batcher.model.path), "loaded_at": batcher.model.loaded_at}
         interceptors = []
-        token = read_token(o.token_file) if o.token_file is not None else None
-        if token is not None:
-            interceptors.append(TokenAuth(token, self.stats, access))
+        if o.token_file is not None:
+            self._token = Token(o.token_file)
+            interceptors.append(TokenAuth(self._token, self.stats, access))
+        if o.tls_cert or o.tls_key:
+            if not (o.tls_cert and o.tls_key):
+                raise CredentialError("TLS needs both --tls-cert and --tls-key")
+            self._tls = Tls(o.tls_cert, o.tls_key, o.tls_client_ca)
         mb = o.limits.max_message_bytes
         server = grpc.aio.server(interceptors=interceptors or None, options=[
             ("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb),
@@ -195,15 +205,15 @@ class Network3Server:
             (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{o.host}:{o.port}"
         try:
-            if o.tls_cert or o.tls_key:
-                self.port = server.add_secure_port(address, tls_credentials(o))
+            if self._tls is not None:
+                self.port = server.add_secure_port(address, self._tls.grpc_credentials())
             else:
                 self.port = server.add_insecure_port(address)
         except RuntimeError as e:  # grpc: "Failed to bind to address"
             raise StartupError(f"cannot listen on {address}: {e}") from None
         if o.http_port is not None:
             try:
-                await self._start_http(token)
+                await self._start_http()
             except BaseException:
                 await server.stop(None)
                 raise
@@ -213,17 +223,19 @@ class Network3Server:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if o.metrics_port is not None:
             self._metrics = start_metrics_server(self.stats, o.metrics_port, o.host)
+        if o.watch_interval > 0:
+            self._watcher = loop.create_task(self._watch(o.watch_interval))
         log.info("serving %s (sha256 %s, %s) as %r on %s:%d%s%s%s", model.path, model.sha256[:12],
                  ",".join(model.providers), o.model_name, o.host, self.port, " with TLS" if o.tls_cert else "",
                  f", http on :{self.http_port}" if self.http_port is not None else "",
                  f", metrics on :{self._metrics.server_port}/metrics" if self._metrics else "")
         return self.port
 
-    async def _start_http(self, token: str | None) -> None:
+    async def _start_http(self) -> None:
         """Bind the HTTP site on this loop (the same model, batcher, token, TLS and limits)."""
         o = self.options
-        context = ssl_context(o) if o.tls_cert else None
-        runner = web.AppRunner(build_app(self.serving, token, o.cors_origins), handle_signals=False, access_log=None,
+        context = self._tls.http_context() if self._tls is not None else None
+        runner = web.AppRunner(build_app(self.serving, self._token, o.cors_origins), handle_signals=False, access_log=None,
                                shutdown_timeout=1.0,  # stop() has already waited for requests in flight
                                keepalive_timeout=o.http_idle_timeout,
                                logger=_ProtocolLog(logging.getLogger("network3.http"), {}))
@@ -251,6 +263,8 @@ class Network3Server:
         if self.draining:
             return
         self.draining = True
+        if self._watcher is not None:
+            self._watcher.cancel()
         grace = self.options.grace if grace is None else grace
         log.info("draining: refusing new calls, waiting up to %.1fs for calls in flight", grace)
         loop = asyncio.get_running_loop()
@@ -287,66 +301,85 @@ class Network3Server:
         await self._stopped.wait()
 
     async def reload(self) -> bool:
-        """Load the model file again; swap only after it loaded and warmed up."""
+        """SIGHUP: read the token file, the TLS files and the model file again.  Each is swapped
+        only after it loaded (the token and TLS files checked, the model warmed up), each on its
+        own: a bad file keeps the old one serving, with one ERROR line.  True if all reloaded."""
         if self._reloading or self.draining:
             log.warning("reload ignored: %s", "a reload is running" if self._reloading else "shutting down")
             return False
         self._reloading = True
+        try:
+            credentials = self._reload_credentials()
+            return await self._reload_model() and credentials
+        finally:
+            self._reloading = False
+
+    async def _watch(self, interval: float) -> None:
+        """--watch-interval: reload when a watched file changed (its inode, size or mtime: a
+        Secret's files are swapped in by a rename).  A file caught half-written fails its
+        reload and keeps the old one; the rest of the write changes it again, and it reloads."""
+        o = self.options
+        paths = [p for p in (o.model, o.token_file, o.tls_cert, o.tls_key, o.tls_client_ca) if p is not None]
+        seen = _fingerprints(paths)
+        while True:
+            await asyncio.sleep(interval)
+            now = _fingerprints(paths)
+            if now != seen:
+                changed = ", ".join(str(p) for p, a, b in zip(paths, seen, now) if a != b)
+                log.info("changed on disk: %s: reloading", changed)
+                seen = now
+                await self.reload()
+
+    def _reload_credentials(self) -> bool:
+        ok = True
+        if self._token is not None:
+            try:
+                changed = self._token.reload()
+                log.info("reloaded token from %s%s", self._token.path, "" if changed else " (unchanged)")
+            except Exception as e:  # never let a reload take the server down
+                log.error("token reload failed, still accepting the old token: %s", _why(e))
+                ok = False
+        if self._tls is not None:
+            old = self._tls.sha256
+            try:
+                new = self._tls.reload()
+                log.info("reloaded TLS %s: certificate sha256 %s -> %s", self._tls.cert, old[:12], new[:12])
+            except Exception as e:
+                log.error("TLS reload failed, still serving certificate sha256 %s: %s", old[:12], _why(e))
+                ok = False
+        return ok
+
+    async def _reload_model(self) -> bool:
         old = self.serving.batcher.model
         try:
             new = await asyncio.get_running_loop().run_in_executor(None, load_model, self.options.model,
                                                                     self.options.model_options)
-        except BadModel as e:
-            log.error("reload failed, still serving sha256 %s: %s", old.sha256[:12], e)
+        except Exception as e:
+            log.error("model reload failed, still serving sha256 %s: %s", old.sha256[:12], _why(e))
             return False
-        except Exception as e:  # never let a reload take the server down
-            log.error("reload failed, still serving sha256 %s: %s: %s", old.sha256[:12], type(e).__name__, e)
-            return False
-        finally:
-            self._reloading = False
         self.serving.batcher.model = new  # batches already running finish on the old model
         log.info("reloaded %s: sha256 %s -> %s", new.path, old.sha256[:12], new.sha256[:12])
         return True
 
 
-def read_token(path: Path) -> str:
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as e:
-        raise StartupError(f"--token-file {path}: {e.strerror or e}") from None
-    if not token:
-        raise StartupError(f"--token-file {path} is empty")
-    return token
+def _fingerprints(paths: list[Path]) -> list[tuple[int, int, int] | None]:
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)  # through the symlinks a Secret's volume is made of
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)  # gone (mid-swap, or deleted): a change like any other
+    return out
 
 
-def ssl_context(o: ServerOptions) -> ssl.SSLContext:
-    """The HTTP side's TLS: the same certificate, key and client CA as gRPC's."""
-    if not (o.tls_cert and o.tls_key):
-        raise StartupError("TLS needs both --tls-cert and --tls-key")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(o.tls_cert, o.tls_key)
-        if o.tls_client_ca:
-            context.load_verify_locations(cafile=o.tls_client_ca)
-            context.verify_mode = ssl.CERT_REQUIRED
-    except OSError as e:  # ssl.SSLError is one
-        raise StartupError(f"TLS: {getattr(e, 'filename', None) or o.tls_cert}: {e.strerror or e}") from None
-    return context
-
-
-def tls_credentials(o: ServerOptions) -> grpc.ServerCredentials:
-    if not (o.tls_cert and o.tls_key):
-        raise StartupError("TLS needs both --tls-cert and --tls-key")
-    try:
-        cert, key = Path(o.tls_cert).read_bytes(), Path(o.tls_key).read_bytes()
-        ca = Path(o.tls_client_ca).read_bytes() if o.tls_client_ca else None
-    except OSError as e:
-        raise StartupError(f"TLS: {e.filename}: {e.strerror}") from None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+def _why(e: Exception) -> str:
+    """A failed reload's reason: our own errors are one line already; others get their type."""
+    return str(e) if isinstance(e, (BadModel, CredentialError)) else f"{type(e).__name__}: {e}"
 
 
 async def serve(options: ServerOptions) -> int:
-    """Run until SIGTERM/SIGINT (drain, exit 0).  SIGHUP reloads the model."""
+    """Run until SIGTERM/SIGINT (drain, exit 0).  SIGHUP reloads (Network3Server.reload)."""
     server = Network3Server(options)
     await server.start()
     # Everything allocated so far lives as long as the process: keep it out of the collector's
@@ -379,17 +412,17 @@ B, L, M, S = BatcherOptions, Limits, ModelOptions, ServerOptions
 
 
 @click.command("serve", context_settings={"max_content_width": 100, "show_default": True})
-@click.option("--model", "model", required=True, envvar="NETWORK3_MODEL", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--model", "model", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The ONNX file to serve (from `network3-train export`).")
-@click.option("--host", default=S.host, envvar="NETWORK3_HOST", help="Address to bind; loopback unless you say otherwise.")
-@click.option("--port", default=S.port, type=click.IntRange(0, 65535), envvar="NETWORK3_PORT", help="Port to bind (0: any free port).")
-@click.option("--http-port", default=S.http_port, type=click.IntRange(0, 65535), envvar="NETWORK3_HTTP_PORT",
+@click.option("--host", default=S.host, help="Address to bind; loopback unless you say otherwise.")
+@click.option("--port", default=S.port, type=click.IntRange(0, 65535), help="Port to bind (0: any free port).")
+@click.option("--http-port", default=S.http_port, type=click.IntRange(0, 65535),
               help="HTTP/1.1 port: the v2 REST API, /v1 and the page (0: any free port).")
 @click.option("--no-http", is_flag=True, help="Serve no HTTP, gRPC only.")
 @click.option("--http-idle-timeout", default=S.http_idle_timeout, type=click.FloatRange(0, min_open=True),
               help="Close an HTTP connection that has not sent a whole request this many seconds after it opened "
                    "or after its last answer (idle keep-alive connections, slow clients).")
-@click.option("--cors-origin", "cors_origins", multiple=True, envvar="NETWORK3_CORS_ORIGIN",
+@click.option("--cors-origin", "cors_origins", multiple=True,
               help="A browser origin (e.g. https://app.example.com) allowed to call the HTTP API from its pages; "
                    "repeat for more.  Off unless given.")
 @click.option("--model-name", default=S.model_name, help="The model's name on the v2 inference API.")
@@ -408,21 +441,26 @@ B, L, M, S = BatcherOptions, Limits, ModelOptions, ServerOptions
 @click.option("--max-images-per-request", default=L.max_images_per_request, type=click.IntRange(1), help="More images in one request are refused.")
 @click.option("--max-pixels", default=L.max_pixels, type=click.IntRange(1), help="Largest decoded image (width x height): no decompression bombs.")
 @click.option("--grace", default=S.grace, type=click.FloatRange(0), help="On SIGTERM/SIGINT, seconds calls in flight get to finish.")
-@click.option("--metrics-port", default=S.metrics_port, type=click.IntRange(0, 65535), envvar="NETWORK3_METRICS_PORT",
+@click.option("--metrics-port", default=S.metrics_port, type=click.IntRange(0, 65535),
               help="Serve Prometheus metrics on this port at /metrics (off unless given).")
-@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), help="PEM certificate chain: serve TLS.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path),
+              help="PEM certificate chain: serve TLS.  The TLS files are re-read on SIGHUP.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), help="PEM private key for --tls-cert.")
 @click.option("--tls-client-ca", type=click.Path(dir_okay=False, path_type=Path),
               help="PEM CA bundle: require client certificates signed by it (mutual TLS).")
-@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), envvar="NETWORK3_TOKEN_FILE",
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
               help="File holding a token every call must send as `authorization: Bearer <token>` (gRPC metadata or HTTP "
-                   "header); not needed for health, reflection, /v2/health/* and the page.")
+                   "header); not needed for health, reflection, /v2/health/* and the page.  Re-read on SIGHUP.")
+@click.option("--watch-interval", default=S.watch_interval, type=click.FloatRange(0),
+              help="Every this many seconds, check whether the model, token or TLS files changed on disk, and "
+                   "reload as SIGHUP does when one did (Kubernetes updates a mounted Secret's files and sends no "
+                   "signal).  0: reload only on SIGHUP.")
 @click.option("--access-log/--no-access-log", default=S.access_log, help="One line per RPC or HTTP request on stderr: id, method, status, images, latency.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Log level of the server's own messages.")
 def serve_command(model, host, port, http_port, no_http, http_idle_timeout, cors_origins, model_name, max_batch_size, max_queue_delay_us, max_queue_size, instances,
                   batching, inline_max_images, intra_op_threads, max_message_bytes, max_images_per_request, max_pixels,
-                  grace, metrics_port, tls_cert, tls_key, tls_client_ca, token_file, access_log, log_level):
+                  grace, metrics_port, tls_cert, tls_key, tls_client_ca, token_file, watch_interval, access_log, log_level):
     """Serve an ONNX model over gRPC (network3.v1.DigitClassifier and the Triton/KServe v2 API) and
     HTTP (the v2 REST API, /v1 and a page)."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
@@ -441,14 +479,25 @@ def serve_command(model, host, port, http_port, no_http, http_idle_timeout, cors
         model_options=ModelOptions(intra_op_threads=intra_op_threads),
         grace=grace, metrics_port=metrics_port, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
         token_file=token_file, access_log=access_log, http_idle_timeout=http_idle_timeout,
-        cors_origins=tuple(cors_origins),
+        cors_origins=tuple(cors_origins), watch_interval=watch_interval,
     )
     try:
         code = asyncio.run(serve(options))
-    except (BadModel, StartupError) as e:  # missing/corrupt model, bad TLS or token file, port taken: one line
+    except (BadModel, CredentialError, StartupError) as e:  # missing/corrupt model, bad TLS or token file, port taken: one line
         raise click.ClickException(str(e)) from None
     sys.exit(code)
 
+
+def _envvars(command: click.Command) -> None:
+    """Every serve option can also be set by NETWORK3_<OPTION> (`--http-port`: NETWORK3_HTTP_PORT),
+    as containers are configured; an option on the command line wins over its variable."""
+    for p in command.params:
+        if isinstance(p, click.Option):
+            p.envvar = "NETWORK3_" + max(p.opts, key=len).lstrip("-").replace("-", "_").upper()
+            p.show_envvar = True
+
+
+_envvars(serve_command)
 
 if __name__ == "__main__":
     serve_command()

@@ -117,13 +117,19 @@ def process_server(onnx_model, tmp_path):
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory):
     """A self-signed CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def make_pki(out: Path) -> Path:
+    """Write ca.crt/.key, server.crt/.key (for 127.0.0.1 and localhost) and client.crt/.key, a new
+    CA each call, into the folder `out`; return it."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
     import ipaddress
 
-    out = tmp_path_factory.mktemp("pki")
+    out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
 
     def make(name, issuer_name=None, issuer_key=None, ca=False, san=None, usage=None):

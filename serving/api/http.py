@@ -33,7 +33,6 @@ images of a request as `request[api.common.IMAGES]`; the request id is `request[
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import json
 import logging
@@ -45,6 +44,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
 from .. import codec
+from ..credentials import Token
 from ..errors import InvalidInput, Network3Error, TooLarge, Unauthenticated, Unavailable, http_status
 from . import inference, v1
 from .common import IMAGES, REQUEST_ID_KEY, Serving, now, safe_id
@@ -62,9 +62,10 @@ CORS_REQUEST_HEADERS = "Authorization, Content-Type, Content-Encoding, Inference
 CORS_EXPOSED_HEADERS = "Inference-Header-Content-Length, X-Request-ID"
 
 
-def build_app(serving: Serving, token: str | None = None, cors_origins: tuple[str, ...] = ()) -> web.Application:
+def build_app(serving: Serving, token: Token | None = None, cors_origins: tuple[str, ...] = ()) -> web.Application:
     """The HTTP application: the v2 REST routes, then v1.add_routes, behind the middlewares.
-    `cors_origins`: browser origins allowed to call the API (CORS is off without them)."""
+    `token`: the one gRPC asks too (None: no token); `cors_origins`: browser origins allowed to
+    call the API (CORS is off without them)."""
     app = web.Application(client_max_size=serving.limits.max_message_bytes,
                           middlewares=[_observe(serving, cors_origins), _guard(serving, token, cors_origins)])
     v2 = V2(serving)
@@ -146,11 +147,10 @@ def _observe(serving: Serving, cors_origins: tuple[str, ...] = ()):
     return observe
 
 
-def _guard(serving: Serving, token: str | None, cors_origins: tuple[str, ...] = ()):
+def _guard(serving: Serving, token: Token | None, cors_origins: tuple[str, ...] = ()):
     """Inside observe: HTTP version (505), transfer coding (501), draining (503), a CORS
     preflight (204, before the token: browsers send none with it), the token (401), the body
     limit before reading (413)."""
-    expected = f"Bearer {token}".encode() if token is not None else None
     limit = serving.limits.max_message_bytes
 
     @web.middleware
@@ -172,9 +172,9 @@ def _guard(serving: Serving, token: str | None, cors_origins: tuple[str, ...] = 
             return web.Response(status=204, headers={
                 "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
                 "Access-Control-Allow-Headers": CORS_REQUEST_HEADERS, "Access-Control-Max-Age": "600"})
-        if expected is not None and not _open(request):
+        if token is not None and not _open(request):
             got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(got, expected):  # constant time
+            if not token.matches(got):
                 raise Unauthenticated("missing or wrong token: send `Authorization: Bearer <token>`" if got
                                       else "missing token: send `Authorization: Bearer <token>`")
         if request.content_length is not None and request.content_length > limit:

@@ -6,6 +6,7 @@ import dataclasses
 import signal
 import struct
 
+import click
 import numpy as np
 import pytest
 
@@ -148,6 +149,43 @@ def test_serve_defaults_are_the_option_dataclasses():
     for option, (cls, name) in option_field.items():
         assert defaults[option] == fields[cls][name], option
     assert ModelOptions().intra_op_threads == 1
+
+
+def test_every_serve_option_has_its_environment_variable(onnx_model, tmp_path, monkeypatch):
+    """Containers are configured by NETWORK3_<OPTION>; a flag on the command line still wins."""
+    from click.testing import CliRunner
+
+    from serving import server
+
+    got = []
+
+    async def capture(options):
+        got.append(options)
+        return 0
+
+    monkeypatch.setattr(server, "serve", capture)
+    names = {p.name: p.envvar for p in server.serve_command.params if isinstance(p, click.Option)}
+    assert names["http_port"] == "NETWORK3_HTTP_PORT" and names["batching"] == "NETWORK3_BATCHING"
+    assert names["cors_origins"] == "NETWORK3_CORS_ORIGIN" and len(set(names.values())) == len(names)
+    token = tmp_path / "token"
+    token.write_text("t")
+    env = {"NETWORK3_MODEL": str(onnx_model), "NETWORK3_HOST": "0.0.0.0", "NETWORK3_PORT": "7001",
+           "NETWORK3_HTTP_PORT": "7002", "NETWORK3_METRICS_PORT": "7003", "NETWORK3_GRACE": "31",
+           "NETWORK3_MAX_BATCH_SIZE": "32", "NETWORK3_BATCHING": "false", "NETWORK3_INTRA_OP_THREADS": "2",
+           "NETWORK3_MAX_PIXELS": "1000", "NETWORK3_TOKEN_FILE": str(token), "NETWORK3_ACCESS_LOG": "0",
+           "NETWORK3_CORS_ORIGIN": "https://a.example https://b.example", "NETWORK3_MODEL_NAME": "digits"}
+    r = CliRunner().invoke(server.serve_command, [], env=env)
+    assert r.exit_code == 0, r.output
+    o = got.pop()
+    assert (o.model, o.host, o.port, o.http_port, o.metrics_port, o.grace) == (onnx_model, "0.0.0.0", 7001, 7002, 7003, 31)
+    assert (o.batcher.max_batch_size, o.batcher.batching, o.model_options.intra_op_threads) == (32, False, 2)
+    assert (o.limits.max_pixels, o.token_file, o.access_log, o.model_name) == (1000, token, False, "digits")
+    assert o.cors_origins == ("https://a.example", "https://b.example")
+    r = CliRunner().invoke(server.serve_command, ["--port", "7005"], env={**env, "NETWORK3_NO_HTTP": "1"})
+    assert r.exit_code == 0 and got[-1].http_port is None, r.output
+    assert (got.pop().port, got) == (7005, [])  # (and no HTTP)
+    r = CliRunner().invoke(server.serve_command, [], env={**env, "NETWORK3_PORT": "http"})
+    assert r.exit_code == 2 and "(env var: 'NETWORK3_PORT'): 'http' is not a valid integer" in r.output and not got
 
 
 # ------------------------------------------------------------------------------ launch --
