@@ -56,7 +56,7 @@ test-serving: install-serving ## the serving, client and protocol tests without 
 	NETWORK3_SERVING_ONLY=1 $(VENV_SERVING)/bin/python -m pytest -q tests/serving
 
 lint: install ## ruff (pyflakes' checks) and the import-cycle check
-	$(BIN)/ruff check --select F training serving tests benchmarks demo
+	$(BIN)/ruff check --select F training serving tests benchmarks demo deploy
 	$(PY) ../shared/tools/imports.py . training serving
 
 # Every bench-* target, in one go (a quiet machine only: a benchmark is void while anything else runs).
