@@ -430,7 +430,7 @@ B, L, M, S = BatcherOptions, Limits, ModelOptions, ServerOptions
 @click.option("--otel-endpoint", envvar="NETWORK3_OTEL_ENDPOINT",
               help="Send OpenTelemetry traces (a span per request, with its queue, batch and compute time) over OTLP/gRPC "
                    "to this collector, e.g. http://localhost:4317.  Off unless given or OTEL_EXPORTER_OTLP_ENDPOINT is set; "
-                   "the other OTEL_* variables apply.  Needs `pip install 'network3[otel]'`.")
+                   "the other OTEL_* variables apply (OTEL_TRACES_SAMPLER to sample).  Needs `pip install 'network3[otel]'`.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Log level of the server's own messages.")
 def serve_command(model, host, port, http_port, no_http, http_idle_timeout, cors_origins, model_name, max_batch_size, max_queue_delay_us, max_queue_size, instances,

@@ -162,6 +162,8 @@ class Call:
                 pass
             self._token = None
         span = self.span
+        if not span.is_recording():  # not sampled (OTEL_TRACES_SAMPLER): nothing to add
+            return
         attributes = {"network3.model": model, "network3.images": images}
         if self.is_grpc:
             attributes["rpc.grpc.status_code"] = self.tracing._grpc_codes.get(code, 2)  # 2: UNKNOWN
