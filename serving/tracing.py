@@ -15,10 +15,10 @@ The interface, small on purpose:
     call.end(code, images, model)                   # both, once, as it ends
     CURRENT.get()                                   # the batcher: the call under way, or None
 
-A span is named `<service>/<method>` (gRPC) or `<HTTP method> <route>` (HTTP) and carries
-the OpenTelemetry names (rpc.system, rpc.service, rpc.method, rpc.grpc.status_code;
-http.request.method, http.route, url.path, http.response.status_code), network3.route (the
-metrics' method), network3.model and network3.images, and once the call reached the batcher
+A span is named `<service>/<method>` (gRPC) or `<HTTP method> <route>` (HTTP).  Its attributes:
+the OpenTelemetry names (rpc.system, rpc.service, rpc.method, rpc.grpc.status_code; or
+http.request.method, http.route, url.path, http.response.status_code, and network3.route, the
+metrics' method), network3.model, network3.images, and once the call reached the batcher
 network3.queue_seconds, network3.batch_size (the largest batch it ran in), network3.batches,
 network3.compute_seconds (summed over them) and network3.model.sha256.  A call that failed
 (metrics.failed: a status other than OK, an HTTP status of 400 or more) has status ERROR.
