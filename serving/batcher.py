@@ -210,7 +210,7 @@ class DynamicBatcher:
             k = b - a
             if not e.fut.done():
                 if e.trace is not None:
-                    e.trace.computed(images, seconds, model)
+                    e.trace.computed(images, seconds, model, outcome)
                 if a == 0 and b == e.n:
                     e.fut.set_result((logits[off:off + k], probs[off:off + k], model))
                 else:  # a split request: reassemble its rows

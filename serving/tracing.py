@@ -68,7 +68,7 @@ def start(endpoint: str | None) -> "Tracing":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     except ImportError as e:
         raise TracingUnavailable(f"tracing is on (--otel-endpoint or OTEL_EXPORTER_OTLP_ENDPOINT) but OpenTelemetry "
-                                 f"is not installed ({e.name or e}): {INSTALL}") from None
+                                 f"is not installed (no module {e.name or e}): {INSTALL}") from None
     exporter = OTLPSpanExporter(endpoint=endpoint) if endpoint else OTLPSpanExporter()
     log.info("tracing on: spans over OTLP/gRPC to %s",
              endpoint or next(os.environ[name] for name in ENDPOINT_VARIABLES if os.environ.get(name)))
@@ -135,7 +135,8 @@ class Tracing:
 class Call:
     """One traced call: its span, and what the batcher reported about it."""
 
-    __slots__ = ("tracing", "span", "is_grpc", "queue", "compute", "batch_size", "batches", "model_sha256", "_token")
+    __slots__ = ("tracing", "span", "is_grpc", "queue", "compute", "batch_size", "batches", "model_sha256", "_batch",
+                 "_token")
 
     def __init__(self, tracing: Tracing, span, is_grpc: bool) -> None:
         self.tracing, self.span, self.is_grpc = tracing, span, is_grpc
@@ -143,6 +144,7 @@ class Call:
         self.compute = 0.0
         self.batch_size = self.batches = 0
         self.model_sha256 = None
+        self._batch = None  # the last batch counted (held, so its id cannot be reused)
         self._token = None
 
     # -- from the batcher ---------------------------------------------------------------
@@ -151,8 +153,13 @@ class Call:
         """A request of this call waited `seconds` in the queue before its (first) batch."""
         self.queue = seconds + (self.queue or 0.0)
 
-    def computed(self, images: int, seconds: float, model) -> None:
-        """A batch of `images` images, with rows of this call, ran `seconds` in onnxruntime."""
+    def computed(self, images: int, seconds: float, model, batch) -> None:
+        """A batch of `images` images, with rows of this call, ran `seconds` in onnxruntime.
+        `batch` is that batch's result: a batch that took several messages of one stream
+        is counted once."""
+        if batch is self._batch:
+            return
+        self._batch = batch
         self.compute += seconds
         self.batches += 1
         self.batch_size = max(self.batch_size, images)

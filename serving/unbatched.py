@@ -58,7 +58,7 @@ class Unbatched:
         trace = CURRENT.get()
         if trace is not None:
             trace.queued(waited)
-            trace.computed(n, seconds, model)
+            trace.computed(n, seconds, model, probs)
         return logits, probs, model
 
     @property

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -158,16 +159,43 @@ def test_a_failed_call_records_its_status(traced, spans):
     assert http_span.status.status_code == StatusCode.ERROR and http_span.status.description == "404"
 
 
-def test_a_stream_is_one_span_over_all_its_messages(traced, spans):
+def test_a_stream_is_one_span_over_all_its_messages_and_each_batch_counts_once(onnx_model):
+    """A stream's messages wait together for a fuller batch (--max-queue-delay-us): the batch that
+    took several of them is one batch and one compute time in the span, as in the metrics."""
+    exporter = InMemorySpanExporter()
+    with thread_server(onnx_model, http_port=None, batcher={"max_queue_delay_us": 500_000}) as s:
+        s.server.serving.tracing = Tracing(exporter, batch=False)
+        stats = s.stats
+        executions, compute = stats.execution_count(), stats.compute.sum
+        requests = [pb.ClassifyRequest(images=[pb.Image(pixels=bytes(784))] * n) for n in (1, 2, 3)]
+        with s.channel() as channel:
+            answers = list(pb_grpc.DigitClassifierStub(channel).ClassifyStream(iter(requests), timeout=T))
+        assert len(answers) == 3
+        [span] = exporter.get_finished_spans()
+        executions = stats.execution_count() - executions
+        assert executions < 3  # some messages shared a batch (they were sent within the delay)
+        a = span.attributes
+        assert span.name == "network3.v1.DigitClassifier/ClassifyStream" and a["network3.images"] == 6
+        assert a["network3.batches"] == executions
+        assert a["network3.compute_seconds"] == pytest.approx(stats.compute.sum - compute, rel=1e-9, abs=1e-12)
+
+
+def test_a_stream_the_client_cancels_records_cancelled(traced, spans):
     server, _ = traced
-    requests = [pb.ClassifyRequest(images=[pb.Image(pixels=bytes(784))] * n) for n in (1, 2, 3)]
+    more = threading.Event()
+
+    def requests():
+        yield pb.ClassifyRequest(images=[pb.Image(pixels=bytes(784))])
+        more.wait(T)  # the stream stays open until the client cancels it
+
     with server.channel() as channel:
-        answers = list(pb_grpc.DigitClassifierStub(channel).ClassifyStream(iter(requests), timeout=T))
-    assert len(answers) == 3
+        call = pb_grpc.DigitClassifierStub(channel).ClassifyStream(requests(), timeout=T)
+        next(call)
+        call.cancel()
+        more.set()
     [span] = spans()
-    a = span.attributes
-    assert span.name == "network3.v1.DigitClassifier/ClassifyStream"
-    assert a["network3.images"] == 6 and 1 <= a["network3.batches"] <= 3 and a["network3.batch_size"] <= 6
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+    assert span.attributes["network3.images"] == 1 and span.status.status_code == StatusCode.ERROR
 
 
 def test_without_batching_the_span_has_the_same_timings(onnx_model):
