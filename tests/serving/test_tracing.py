@@ -227,12 +227,13 @@ def test_tracing_is_on_with_an_endpoint_or_the_standard_variable(onnx_model, mon
 
 
 def test_spans_reach_an_otlp_collector_as_children_of_the_callers(onnx_model, monkeypatch):
-    """The real exporter, end to end: --otel-endpoint to a stand-in OTLP/gRPC collector; the spans
-    left are exported at stop."""
+    """The real exporter, end to end: --otel-endpoint to a stand-in OTLP/gRPC collector, the
+    batch processor told by the standard OTEL_BSP_SCHEDULE_DELAY to send every 50 ms."""
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts, trace_service_pb2_grpc as ts_grpc
 
     for name in OTEL_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
     received = []
 
     class Collector(ts_grpc.TraceServiceServicer):
@@ -248,6 +249,10 @@ def test_spans_reach_an_otlp_collector_as_children_of_the_callers(onnx_model, mo
         with thread_server(onnx_model, otel_endpoint=f"http://127.0.0.1:{port}") as s:
             _classify(s, metadata=(("traceparent", TRACEPARENT),))
             assert _http_infer(s) == 200
+            deadline = time.monotonic() + T
+            while sum(len(ss.spans) for r in received for rs in r.resource_spans for ss in rs.scope_spans) < 2:
+                assert time.monotonic() < deadline, "the collector got no spans"
+                time.sleep(0.02)
     finally:
         collector.stop(None)
     resources = [rs for r in received for rs in r.resource_spans]
