@@ -14,7 +14,7 @@ PRECISION ?=
 TRAIN_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install install-serving data train evaluate export serve classify demo test test-serving lint protos \
+.PHONY: help install install-gpu install-serving data train evaluate export serve classify demo test test-serving lint protos \
 	book bench bench-train bench-export bench-serve bench-http perf-analyzer-deps bench-client bench-preprocess soak fuzz image image-test clean
 .DEFAULT_GOAL := help
 
@@ -29,6 +29,14 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[train,dev]'
 	touch $@
+
+# onnxruntime-gpu alone in .venv: beside the CPU onnxruntime (which the base dependencies bring)
+# the CUDA provider disappears, as both write the same package (microsoft/onnxruntime#26996).
+install-gpu: install ## .venv with onnxruntime-gpu in place of the CPU build (a GPU host)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[train,dev,gpu]'
+	$(PY) -m pip uninstall -q -y onnxruntime
+	$(PY) -m pip install -q --disable-pip-version-check --force-reinstall --no-deps onnxruntime-gpu
+	$(PY) -c 'import onnxruntime as o; p = o.get_available_providers(); print(p); assert "CUDAExecutionProvider" in p'
 
 # A server host's environment: the server's dependencies and the test tools, no PyTorch.
 VENV_SERVING ?= .venv-serving

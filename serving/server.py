@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from protos.inference import grpc_service_pb2
 from protos.network3.v1 import classifier_pb2
 
+from . import tracing
 from .api.classifier import API as CLASSIFIER_API, ClassifierServicer
 from .api.common import AccessLog, Limits, Serving
 from .api.http import build_app
@@ -71,6 +72,7 @@ class ServerOptions:
     # often (0: only on SIGHUP).  Kubernetes updates a mounted Secret's files in place and sends
     # no signal; a stat of five files is all a check costs.
     watch_interval: float = 0.0
+    otel_endpoint: str | None = None  # OTLP/gRPC collector for traces (serving.tracing; also the OTEL_* variables)
 
 
 class _ProtocolLog(logging.LoggerAdapter):
@@ -177,11 +179,16 @@ class Network3Server:
     async def start(self) -> int:
         o = self.options
         loop = asyncio.get_running_loop()
+        try:
+            traces = tracing.start(o.otel_endpoint) if tracing.configured(o.otel_endpoint) else None
+        except tracing.TracingUnavailable as e:
+            raise StartupError(str(e)) from None
         model = await loop.run_in_executor(None, load_model, o.model, o.model_options)
         batcher = (DynamicBatcher if o.batcher.batching else Unbatched)(model, o.batcher, self.stats)
         access = AccessLog() if o.access_log else None
         self.serving = Serving(batcher=batcher, stats=self.stats, limits=o.limits, model_name=o.model_name,
-                               access=access, is_ready=lambda: not self.draining and batcher.model.ready)
+                               access=access, is_ready=lambda: not self.draining and batcher.model.ready,
+                               tracing=traces)
         self.stats.model_info = lambda: {"name": o.model_name, "sha256": batcher.model.sha256,
                                          "path": str(batcher.model.path), "loaded_at": batcher.model.loaded_at}
         interceptors = []
@@ -288,6 +295,8 @@ class Network3Server:
             if self.serving.access is not None:
                 self.serving.access.flush()
             self.serving.decode_pool.shutdown(wait=False)
+            if self.serving.tracing is not None:  # export the spans left
+                await loop.run_in_executor(None, self.serving.tracing.shutdown)
         if self._metrics is not None:
             self._metrics.shutdown()
         log.info("stopped")
@@ -456,11 +465,15 @@ B, L, M, S = BatcherOptions, Limits, ModelOptions, ServerOptions
                    "reload as SIGHUP does when one did (Kubernetes updates a mounted Secret's files and sends no "
                    "signal).  0: reload only on SIGHUP.")
 @click.option("--access-log/--no-access-log", default=S.access_log, help="One line per RPC or HTTP request on stderr: id, method, status, images, latency.")
+@click.option("--otel-endpoint",
+              help="Send OpenTelemetry traces (a span per request, with its queue, batch and compute time) over OTLP/gRPC "
+                   "to this collector, e.g. http://localhost:4317.  Off unless given or OTEL_EXPORTER_OTLP_ENDPOINT is set; "
+                   "the other OTEL_* variables apply (OTEL_TRACES_SAMPLER to sample).  Needs `pip install 'network3[otel]'`.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Log level of the server's own messages.")
 def serve_command(model, host, port, http_port, no_http, http_idle_timeout, cors_origins, model_name, max_batch_size, max_queue_delay_us, max_queue_size, instances,
                   batching, inline_max_images, intra_op_threads, max_message_bytes, max_images_per_request, max_pixels,
-                  grace, metrics_port, tls_cert, tls_key, tls_client_ca, token_file, watch_interval, access_log, log_level):
+                  grace, metrics_port, tls_cert, tls_key, tls_client_ca, token_file, watch_interval, access_log, otel_endpoint, log_level):
     """Serve an ONNX model over gRPC (network3.v1.DigitClassifier and the Triton/KServe v2 API) and
     HTTP (the v2 REST API, /v1 and a page)."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
@@ -479,7 +492,7 @@ def serve_command(model, host, port, http_port, no_http, http_idle_timeout, cors
         model_options=ModelOptions(intra_op_threads=intra_op_threads),
         grace=grace, metrics_port=metrics_port, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
         token_file=token_file, access_log=access_log, http_idle_timeout=http_idle_timeout,
-        cors_origins=tuple(cors_origins), watch_interval=watch_interval,
+        cors_origins=tuple(cors_origins), watch_interval=watch_interval, otel_endpoint=otel_endpoint,
     )
     try:
         code = asyncio.run(serve(options))
