@@ -156,6 +156,13 @@ def test_the_image_env_names_serve_options_and_its_ports_are_exposed():
     assert env["NETWORK3_MODEL"] in copies
 
 
+def test_the_image_installs_no_extra_by_default():
+    # The base dependencies only: the train extra would bring PyTorch.
+    assert arg_defaults().get("EXTRAS", "") == ""
+    assert any(op == "RUN" and 'pip install --no-compile "/src${EXTRAS:+[$EXTRAS]}"' in rest
+               for op, rest in instructions(CONTAINERFILE.read_text()))
+
+
 def test_the_default_command_serves_and_sets_nothing_a_variable_sets():
     steps = dict(final_stage())  # the last of each instruction
     assert json.loads(steps["ENTRYPOINT"]) == ["network3"]
