@@ -26,17 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
-
-
-class Context:  # what the handlers ask of a grpc.aio context
-    def time_remaining(self):
-        return None
-
-    def invocation_metadata(self):
-        return ()
-
-    async def abort(self, code, message):
-        raise RuntimeError(message)
+from bench_serve import Context  # noqa: E402  (benchmarks/ is this script's folder)
 
 
 def main() -> None:
