@@ -14,8 +14,8 @@ PRECISION ?=
 TRAIN_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install install-serving data train evaluate export serve classify demo test test-serving lint protos \
-	book bench bench-train bench-export bench-serve bench-http perf-analyzer-deps bench-client bench-preprocess soak fuzz clean
+.PHONY: help install install-gpu install-serving data train evaluate export serve classify demo test test-serving lint protos \
+	book bench bench-train bench-export bench-serve bench-http perf-analyzer-deps bench-client bench-preprocess soak fuzz image image-test clean
 .DEFAULT_GOAL := help
 
 # `make` and `make help`: every target with the one line after its `##`.
@@ -29,6 +29,14 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[train,dev]'
 	touch $@
+
+# onnxruntime-gpu alone in .venv: beside the CPU onnxruntime (which the base dependencies bring)
+# the CUDA provider disappears, as both write the same package (microsoft/onnxruntime#26996).
+install-gpu: install ## .venv with onnxruntime-gpu in place of the CPU build (a GPU host)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[train,dev,gpu]'
+	$(PY) -m pip uninstall -q -y onnxruntime
+	$(PY) -m pip install -q --disable-pip-version-check --force-reinstall --no-deps onnxruntime-gpu
+	$(PY) -c 'import onnxruntime as o; p = o.get_available_providers(); print(p); assert "CUDAExecutionProvider" in p'
 
 # A server host's environment: the server's dependencies and the test tools, no PyTorch.
 VENV_SERVING ?= .venv-serving
@@ -56,7 +64,7 @@ test-serving: install-serving ## the serving, client and protocol tests without 
 	NETWORK3_SERVING_ONLY=1 $(VENV_SERVING)/bin/python -m pytest -q tests/serving
 
 lint: install ## ruff (pyflakes' checks) and the import-cycle check
-	$(BIN)/ruff check --select F training serving tests benchmarks demo
+	$(BIN)/ruff check --select F training serving tests benchmarks demo deploy
 	$(PY) ../shared/tools/imports.py . training serving
 
 # Every bench-* target, in one go (a quiet machine only: a benchmark is void while anything else runs).
@@ -169,3 +177,20 @@ SOAK_ARGS ?=
 soak: install ## the server under a mix of clients for SOAK_SECONDS, then overloaded
 	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
 	$(PY) benchmarks/soak.py --model $(MODEL) --seconds $(SOAK_SECONDS) $(SOAK_ARGS)
+
+# ---- container image ----
+# The server's image (Containerfile) as IMAGE:latest and IMAGE:<version in pyproject.toml>, with
+# podman (else docker), MODEL baked in; the default MODEL is trained and exported first when it is
+# missing (as `make demo` does), any other MODEL must exist.  Where debian:bookworm-slim cannot be
+# pulled, the base is built from Debian's packages (deploy/image/debian-base.sh: debootstrap).
+IMAGE ?= network3
+image: ## the server's container image IMAGE:latest and :version (podman or docker), MODEL baked in
+	@test -f $(MODEL) || [ "$(MODEL)" != "models/$(PRESET).onnx" ] || $(MAKE) --no-print-directory data train export PRESET=$(PRESET) MODEL=$(MODEL)
+	IMAGE=$(IMAGE) deploy/image/build.sh $(MODEL)
+
+# Build the image, check it (size, non-root, no torch) and run it: cold start, HEALTHCHECK, PNGs
+# classified over gRPC and HTTP from outside, metrics, SIGTERM and exit 0 (deploy/image/check.py;
+# where `podman run` cannot start, a chroot of the mounted image stands in for it, as root).
+image-test: image install-serving ## build the image, run it, classify over gRPC and HTTP from outside, SIGTERM
+	$(VENV_SERVING)/bin/python demo/make_samples.py --out demo/samples
+	$(VENV_SERVING)/bin/python deploy/image/check.py --image $(IMAGE):latest --samples demo/samples

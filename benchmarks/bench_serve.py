@@ -122,6 +122,19 @@ def ceiling(model: Path, batch: int, seconds: float) -> dict[int, float]:
 
 # ------------------------------------------------------------------------ profile --
 
+class Context:
+    """What the handlers ask of a grpc.aio context, for in-process profiles (bench_tracing too)."""
+
+    def time_remaining(self):
+        return None
+
+    def invocation_metadata(self):
+        return ()
+
+    async def abort(self, code, message):
+        raise RuntimeError(message)
+
+
 def profile(model_path: Path, threads: int) -> list[tuple[str, float]]:
     """CPU microseconds (this thread) per stage of one 1-image ModelInfer, in-process."""
     from protos.inference import grpc_service_pb2 as pb
@@ -132,16 +145,6 @@ def profile(model_path: Path, threads: int) -> list[tuple[str, float]]:
     from serving.batcher import DynamicBatcher
     from serving.metrics import Stats
     from serving.model import ModelOptions, load_model
-
-    class Context:  # what the handlers ask of a grpc.aio context
-        def time_remaining(self):
-            return None
-
-        def invocation_metadata(self):
-            return ()
-
-        async def abort(self, code, message):
-            raise RuntimeError(message)
 
     model = load_model(model_path, ModelOptions(intra_op_threads=threads))
     stats = Stats()

@@ -31,6 +31,7 @@ import numpy as np
 
 from .errors import DeadlineExceeded, ModelFailed, Overloaded, Unavailable
 from .metrics import Stats
+from .tracing import CURRENT
 
 log = logging.getLogger("network3.batcher")
 now = time.perf_counter
@@ -75,10 +76,11 @@ def deadline_passed(stats: Stats) -> DeadlineExceeded:
 class _Entry:
     """One request in the queue.  `taken` rows have gone into batches, `filled` came back."""
 
-    __slots__ = ("x", "n", "fut", "deadline", "enqueued", "taken", "filled", "logits", "probs")
+    __slots__ = ("x", "n", "fut", "deadline", "enqueued", "taken", "filled", "logits", "probs", "trace")
 
-    def __init__(self, x, fut, deadline, enqueued) -> None:
+    def __init__(self, x, fut, deadline, enqueued, trace) -> None:
         self.x, self.n, self.fut, self.deadline, self.enqueued = x, len(x), fut, deadline, enqueued
+        self.trace = trace  # the traced call it belongs to (serving.tracing), or None
         self.taken = self.filled = 0
         self.logits = self.probs = None
 
@@ -118,7 +120,7 @@ class DynamicBatcher:
                              f"--max-queue-size {limit}")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._queue.append(_Entry(x, fut, deadline, now()))
+        self._queue.append(_Entry(x, fut, deadline, now(), CURRENT.get()))
         self._queued += n
         self._kick(loop)
         return await fut  # already done when the batch ran inline
@@ -160,7 +162,10 @@ class DynamicBatcher:
             k = min(room, e.n - e.taken)
             parts.append((e, e.taken, e.taken + k))
             if e.taken == 0:
-                self.stats.queue.observe(t - e.enqueued)
+                waited = t - e.enqueued
+                self.stats.queue.observe(waited)
+                if e.trace is not None:
+                    e.trace.queued(waited)
             e.taken += k
             room -= k
             self._queued -= k
@@ -204,6 +209,8 @@ class DynamicBatcher:
         for e, a, b in parts:
             k = b - a
             if not e.fut.done():
+                if e.trace is not None:
+                    e.trace.computed(images, seconds, model, outcome)
                 if a == 0 and b == e.n:
                     e.fut.set_result((logits[off:off + k], probs[off:off + k], model))
                 else:  # a split request: reassemble its rows

@@ -7,7 +7,9 @@ know about the model (labels, input contract, provenance) comes from the file's 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -33,8 +35,27 @@ class ModelOptions:
     warmup_batch_sizes: tuple[int, ...] = (1, 8, 64)
 
 
+# onnxruntime and onnxruntime-gpu install the same `onnxruntime` package: with both (as
+# `pip install network3[gpu]` leaves them) whichever was written last wins, often the CPU one,
+# and the CUDA provider silently disappears (microsoft/onnxruntime#26996).  `make install-gpu`
+# leaves the GPU build alone; a server that finds the mix says how to mend it.
+GPU_FIX = "pip uninstall -y onnxruntime && pip install --force-reinstall --no-deps onnxruntime-gpu (make install-gpu)"
+
+
+def shadowed_gpu_build() -> bool:
+    """onnxruntime-gpu is installed, yet the onnxruntime that imports has no CUDA provider."""
+    try:
+        importlib.metadata.distribution("onnxruntime-gpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return "CUDAExecutionProvider" not in ort.get_available_providers()
+
+
 def default_providers() -> list[str]:
     available = ort.get_available_providers()
+    if shadowed_gpu_build():
+        logging.getLogger("network3.model").warning(
+            "onnxruntime-gpu is installed but the CPU onnxruntime shadows it, so no CUDA: %s", GPU_FIX)
     chosen = [p for p in ("CUDAExecutionProvider",) if p in available]
     return chosen + ["CPUExecutionProvider"]
 

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from protos.inference import grpc_service_pb2
 from protos.network3.v1 import classifier_pb2
 
+from . import tracing
 from .api.classifier import API as CLASSIFIER_API, ClassifierServicer
 from .api.common import AccessLog, Limits, Serving
 from .api.http import build_app
@@ -79,6 +80,7 @@ class ServerOptions:
     # With workers and metrics: where each worker writes its counters for the parent's /metrics
     # (None: a new temporary folder).  Must be writable (the image's root filesystem is not).
     metrics_dir: Path | None = None
+    otel_endpoint: str | None = None  # OTLP/gRPC collector for traces (serving.tracing; also the OTEL_* variables)
 
 
 class _ProtocolLog(logging.LoggerAdapter):
@@ -185,12 +187,16 @@ class Network3Server:
     async def start(self) -> int:
         o = self.options
         loop = asyncio.get_running_loop()
+        try:
+            traces = tracing.start(o.otel_endpoint) if tracing.configured(o.otel_endpoint) else None
+        except tracing.TracingUnavailable as e:
+            raise StartupError(str(e)) from None
         model = await loop.run_in_executor(None, load_model, o.model, o.model_options)
         batcher = (DynamicBatcher if o.batcher.batching else Unbatched)(model, o.batcher, self.stats)
         access = AccessLog(pid=o.workers > 1) if o.access_log else None
         self.serving = Serving(batcher=batcher, stats=self.stats, limits=o.limits, model_name=o.model_name,
                                access=access, is_ready=lambda: not self.draining and batcher.model.ready,
-                               workers=o.workers)
+                               workers=o.workers, tracing=traces)
         self.stats.model_info = lambda: {"name": o.model_name, "sha256": batcher.model.sha256,
                                          "path": str(batcher.model.path), "loaded_at": batcher.model.loaded_at}
         interceptors = []
@@ -299,6 +305,8 @@ class Network3Server:
             if self.serving.access is not None:
                 self.serving.access.flush()
             self.serving.decode_pool.shutdown(wait=False)
+            if self.serving.tracing is not None:  # export the spans left
+                await loop.run_in_executor(None, self.serving.tracing.shutdown)
         if self._metrics is not None:
             self._metrics.shutdown()
         log.info("stopped")
@@ -472,12 +480,16 @@ class _Workers(click.ParamType):
               help="With --workers and --metrics-port: the folder where each worker leaves its counters for the "
                    "parent's /metrics (a writable mount, e.g. an emptyDir; default: a new temporary folder).")
 @click.option("--access-log/--no-access-log", default=S.access_log, help="One line per RPC or HTTP request on stderr: id, method, status, images, latency.")
+@click.option("--otel-endpoint",
+              help="Send OpenTelemetry traces (a span per request, with its queue, batch and compute time) over OTLP/gRPC "
+                   "to this collector, e.g. http://localhost:4317.  Off unless given or OTEL_EXPORTER_OTLP_ENDPOINT is set; "
+                   "the other OTEL_* variables apply (OTEL_TRACES_SAMPLER to sample).  Needs `pip install 'network3[otel]'`.")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Log level of the server's own messages.")
 def serve_command(model, host, port, http_port, no_http, http_idle_timeout, cors_origins, model_name, max_batch_size, max_queue_delay_us, max_queue_size, instances,
                   batching, inline_max_images, intra_op_threads, max_message_bytes, max_images_per_request, max_pixels,
                   grace, metrics_port, tls_cert, tls_key, tls_client_ca, token_file, watch_interval, workers, metrics_dir, access_log,
-                  log_level):
+                  otel_endpoint, log_level):
     """Serve an ONNX model over gRPC (network3.v1.DigitClassifier and the Triton/KServe v2 API) and
     HTTP (the v2 REST API, /v1 and a page)."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
@@ -497,6 +509,7 @@ def serve_command(model, host, port, http_port, no_http, http_idle_timeout, cors
         grace=grace, metrics_port=metrics_port, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
         token_file=token_file, access_log=access_log, http_idle_timeout=http_idle_timeout,
         cors_origins=tuple(cors_origins), watch_interval=watch_interval, workers=workers, metrics_dir=metrics_dir,
+        otel_endpoint=otel_endpoint,
     )
     try:
         code = asyncio.run(serve(options) if workers == 1 else supervise(options, Network3Server))

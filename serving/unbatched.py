@@ -17,6 +17,7 @@ import numpy as np
 from .batcher import BatcherOptions, compute, deadline_passed
 from .errors import Overloaded, Unavailable
 from .metrics import Stats
+from .tracing import CURRENT
 
 now = time.perf_counter
 
@@ -51,8 +52,13 @@ class Unbatched:
                 logits, probs, seconds = await asyncio.wrap_future(self._pool.submit(compute, model, x))
         finally:
             self._images -= n
-        self.stats.queue.observe(max(0.0, now() - t0 - seconds))  # the wait for a thread
+        waited = max(0.0, now() - t0 - seconds)  # the wait for a thread
+        self.stats.queue.observe(waited)
         self.stats.record_batch(n, 1, seconds)
+        trace = CURRENT.get()
+        if trace is not None:
+            trace.queued(waited)
+            trace.computed(n, seconds, model, probs)
         return logits, probs, model
 
     @property

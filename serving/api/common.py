@@ -54,6 +54,7 @@ class Serving:
     decode_pool: Executor = field(default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="network3-decode"))
     is_ready: Callable[[], bool] = lambda: True
     workers: int = 1  # worker processes of this server (serve --workers): the counters here are this one's
+    tracing: "object | None" = None  # a serving.tracing.Tracing when traces are on (--otel-endpoint), else None
 
     @property
     def model(self):
@@ -185,9 +186,10 @@ def rpc(request_type, *, images: Callable = _no_images, model_call: bool = False
         async def ModelStreamInfer(self, request_iterator, context): ...  # an async generator
 
     It parses the raw request bytes (see parser), refuses calls while draining, maps errors to
-    statuses (_outcome), and records each RPC once: its status and latency in the metrics and
-    a line in the access log.  `images(servicer, request)` counts a request's images (for a
-    stream, summed over its messages); `model_call` also counts the RPC as a model request
+    statuses (_outcome), and records each RPC once: its status and latency in the metrics, a
+    line in the access log and, with tracing on, a span (serving.tracing).
+    `images(servicer, request)` counts a request's images (for a stream, summed over its
+    messages); `model_call` also counts the RPC as a model request
     (v2 statistics); `request_id(request)` is the id the access log shows (default: the
     x-request-id metadata, else a new id).
     """
@@ -200,6 +202,7 @@ def rpc(request_type, *, images: Callable = _no_images, model_call: bool = False
             @functools.wraps(fn)
             async def streaming(self, request_iterator, context):
                 serving, call, tally = self.serving, _Call(), [0]
+                traced = serving.tracing.grpc(self.API, method, context) if serving.tracing is not None else None
                 serving.inflight += 1
                 try:
                     _refuse_if_draining(serving)
@@ -213,12 +216,15 @@ def rpc(request_type, *, images: Callable = _no_images, model_call: bool = False
                 finally:
                     serving.inflight -= 1
                     _record(serving, self.API, method, call.code, tally[0], now() - call.t0, False, context)
+                    if traced is not None:
+                        traced.end(call.code, tally[0], serving.model_name)
 
             return streaming
 
         @functools.wraps(fn)
         async def unary(self, raw, context):
             serving, call, request = self.serving, _Call(), None
+            traced = serving.tracing.grpc(self.API, method, context) if serving.tracing is not None else None
             serving.inflight += 1
             try:
                 _refuse_if_draining(serving)
@@ -237,6 +243,8 @@ def rpc(request_type, *, images: Callable = _no_images, model_call: bool = False
                     n = 0
                 _record(serving, self.API, method, call.code, n, now() - call.t0, model_call, context, request,
                         request_id)
+                if traced is not None:
+                    traced.end(call.code, n, serving.model_name)
 
         return unary
 

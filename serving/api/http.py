@@ -27,8 +27,9 @@ token (`Authorization: Bearer <token>` on everything but /v2/health/*, / and /we
 limit (Limits.max_message_bytes: a Content-Length over it is refused before the body is read;
 aiohttp's client_max_size bounds what read() returns, after gzip/deflate decompression),
 errors as `{"error": "..."}` with the status of errors.http_status, and one count (api "http",
-the route's name, the HTTP status) and one access-log line per request.  A handler reports the
-images of a request as `request[api.common.IMAGES]`; the request id is `request[REQUEST_ID_KEY]`.
+the route's name, the HTTP status), one access-log line and, with tracing on, one span
+(serving.tracing) per request.  A handler reports the images of a request as
+`request[api.common.IMAGES]`; the request id is `request[REQUEST_ID_KEY]`.
 """
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def json_response(value, status: int = 200) -> web.Response:
 # ----------------------------------------------------------------------------- middlewares --
 
 def _observe(serving: Serving, cors_origins: tuple[str, ...] = ()):
-    """Outermost: request id, in-flight count, errors -> responses, CORS headers, metrics, access log."""
+    """Outermost: request id, in-flight count, errors -> responses, CORS headers, metrics, access log, span."""
     access = serving.access
     if access is not None:
         new_id = access.new_id
@@ -111,6 +112,7 @@ def _observe(serving: Serving, cors_origins: tuple[str, ...] = ()):
         given = request.headers.get(REQUEST_ID)
         rid = safe_id(given) if given else new_id()
         request[REQUEST_ID_KEY] = rid
+        traced = serving.tracing.http(request, _method(request)) if serving.tracing is not None else None
         serving.inflight += 1
         status = 499  # the client went away (nginx's code), unless the handler answers
         try:
@@ -143,6 +145,8 @@ def _observe(serving: Serving, cors_origins: tuple[str, ...] = ()):
             serving.stats.method(API, method).record(str(status), images, seconds)
             if access is not None:
                 access.write(rid, f"{API}.{method}", str(status), images, seconds)
+            if traced is not None:
+                traced.end(str(status), images, serving.model_name)
 
     return observe
 

@@ -212,3 +212,26 @@ def test_server_process_reports_a_server_that_does_not_start(tmp_path):
 
     with pytest.raises(RuntimeError, match=r"exited with 1[\s\S]*model.onnx"):
         ServerProcess(tmp_path / "model.onnx", log=tmp_path / "s.log", timeout=60)
+
+
+def test_a_gpu_build_shadowed_by_the_cpu_one_is_named_with_its_fix(monkeypatch, caplog):
+    """Both onnxruntime packages installed (pip install network3[gpu]): the CPU one's files can
+    hide CUDA.  The server says so, with the command that mends it."""
+    import importlib.metadata
+
+    from serving import model
+
+    assert not model.shadowed_gpu_build()  # this environment has the CPU build alone
+    real = importlib.metadata.distribution
+
+    def distribution(name):
+        return object() if name == "onnxruntime-gpu" else real(name)
+
+    monkeypatch.setattr(model.importlib.metadata, "distribution", distribution)
+    monkeypatch.setattr(model.ort, "get_available_providers", lambda: ["AzureExecutionProvider", "CPUExecutionProvider"])
+    with caplog.at_level("WARNING", "network3.model"):
+        assert model.default_providers() == ["CPUExecutionProvider"]
+    assert model.GPU_FIX in caplog.text and "shadows it" in caplog.text
+    monkeypatch.setattr(model.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    caplog.clear()
+    assert model.default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"] and not caplog.text
