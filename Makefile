@@ -15,7 +15,7 @@ TRAIN_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help install install-gpu install-serving data train evaluate export serve classify demo test test-serving lint protos \
-	book bench bench-train bench-export bench-serve bench-http perf-analyzer-deps bench-client bench-preprocess soak fuzz image image-test clean
+	book bench bench-train bench-export bench-serve bench-scale bench-http perf-analyzer-deps bench-client bench-preprocess soak fuzz image image-test clean
 .DEFAULT_GOAL := help
 
 # `make` and `make help`: every target with the one line after its `##`.
@@ -68,7 +68,7 @@ lint: install ## ruff (pyflakes' checks) and the import-cycle check
 	$(PY) ../shared/tools/imports.py . training serving
 
 # Every bench-* target, in one go (a quiet machine only: a benchmark is void while anything else runs).
-bench: bench-train bench-export bench-serve bench-http bench-client bench-preprocess ## every bench-* target (a quiet machine only)
+bench: bench-train bench-export bench-serve bench-scale bench-http bench-client bench-preprocess ## every bench-* target (a quiet machine only)
 
 # The book's table: every nielsen-* preset x 3 seeds into runs/book/, resumable: run it again
 # after an interruption (hours on a CPU; BOOK_ARGS="--workers 6" on a GPU box, DEVICE=cuda).
@@ -122,6 +122,12 @@ bench-serve: install perf-analyzer-deps ## perf_analyzer against our server, an 
 	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
 	$(PY) benchmarks/bench_serve.py --model $(MODEL) $(BENCH_SERVE_ARGS)
 
+# Throughput with 1, 2, 4, ... workers up to the cores (perf_analyzer on the same host, else the
+# Python load generator: BENCH_SCALE_ARGS="--load python"), the ceiling beside it (quiet machine only).
+BENCH_SCALE_ARGS ?=
+bench-scale: install perf-analyzer-deps ## 1- and 64-image throughput with 1, 2, 4, ... workers up to the cores, the ceiling beside it
+	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
+	$(PY) benchmarks/bench_scale.py --model $(MODEL) $(BENCH_SCALE_ARGS)
 
 # perf_analyzer -i http against our server and the thinnest aiohttp one (benchmarks/reference_http.py),
 # the same requests over gRPC, and /v1/classify's p50/p99 (quiet machine only).

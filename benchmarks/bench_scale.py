@@ -186,8 +186,8 @@ def main() -> None:
                     time.sleep(0.3)  # the access log is flushed every 0.25 s
                     pids = Counter(ACCESS_PID.findall(server.log()[offset:]))
                     total = sum(pids.values())
-                    share = (f"{min(pids.values()) / total:.0%}-{max(pids.values()) / total:.0%} ({len(pids)})"
-                             if total and n > 1 else "")
+                    least = min(pids.values()) if len(pids) == n else 0  # a worker that got nothing: 0%
+                    share = f"{least / total:.0%}-{max(pids.values()) / total:.0%} ({len(pids)})" if total and n > 1 else ""
                     results.append((n, r, share))
             finally:
                 server.stop()
