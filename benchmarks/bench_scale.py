@@ -137,6 +137,30 @@ def run_python(address: str, images: int, concurrency: int, seconds: float, serv
                   f"{errors} errors" if errors else "")
 
 
+def report(results: list[tuple[int, Result, str]], ceil: dict[int, float], load: str, seconds: float, cores: int,
+           model: str) -> str:
+    """The markdown table: one row per (workers, images/request), and the goal's line."""
+    lines = [f"# Scaling benchmark ({time.strftime('%Y-%m-%d %H:%M %Z')})", "",
+             f"- CPU: {cpu_line()}; {cores} cores this process may use ({os.cpu_count()} online)",
+             f"- load generator: {load}, on the same host; {seconds:g} s per point",
+             f"- server: `--workers N --intra-op-threads 1 --no-http --metrics-port 0`, model {model}",
+             "- in-process onnxruntime ceiling, one thread: " + ", ".join(f"batch {b}: {v:,.0f} images/s" for b, v in ceil.items()),
+             "", "| workers | images/request | concurrency | requests/s | images/s | p50 ms | p99 ms "
+             "| / (N x 1 worker) | / (N x ceiling) | per worker (min-max, workers seen) | |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    one = {r.images: r.images_s for n, r, _ in results if n == 1}
+    for n, r, share in results:
+        lines.append(f"| {n} | {r.images} | {r.concurrency} | {r.requests_s:,.0f} | {r.images_s:,.0f} | {r.p50_ms:.2f} | "
+                     f"{r.p99_ms:.2f} | {r.images_s / (n * one[r.images]):.2f} | {r.images_s / (n * ceil[r.images]):.0%} | "
+                     f"{share} | {r.note} |")
+    worst = [(r.images_s / (n * one[r.images]), n, r.images) for n, r, _ in results if 1 < n <= 8]
+    if worst:
+        ratio, n, images = min(worst)
+        lines += ["", f"Goal: at least 0.7 x N times one worker's throughput up to N = 8: the lowest here is "
+                      f"{ratio:.2f} ({n} workers, {images}-image requests): {'met' if ratio >= 0.7 else 'NOT met'}."]
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------- main --
 
 def main() -> None:
@@ -192,25 +216,7 @@ def main() -> None:
             finally:
                 server.stop()
 
-    lines = [f"# Scaling benchmark ({time.strftime('%Y-%m-%d %H:%M %Z')})", "",
-             f"- CPU: {cpu_line()}; {cores} cores this process may use ({os.cpu_count()} online)",
-             f"- load generator: {load}, on the same host; {seconds:g} s per point",
-             f"- server: `--workers N --intra-op-threads 1 --no-http --metrics-port 0`, model {args.model.name}",
-             "- in-process onnxruntime ceiling, one thread: " + ", ".join(f"batch {b}: {v:,.0f} images/s" for b, v in ceil.items()),
-             "", "| workers | images/request | concurrency | requests/s | images/s | p50 ms | p99 ms "
-             "| / (N x 1 worker) | / (N x ceiling) | per worker (min-max, workers seen) | |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-    one = {r.images: r.images_s for n, r, _ in results if n == 1}
-    for n, r, share in results:
-        lines.append(f"| {n} | {r.images} | {r.concurrency} | {r.requests_s:,.0f} | {r.images_s:,.0f} | {r.p50_ms:.2f} | "
-                     f"{r.p99_ms:.2f} | {r.images_s / (n * one[r.images]):.2f} | {r.images_s / (n * ceil[r.images]):.0%} | "
-                     f"{share} | {r.note} |")
-    worst = [(r.images_s / (n * one[r.images]), n, r.images) for n, r, _ in results if 1 < n <= 8]
-    if worst:
-        ratio, n, images = min(worst)
-        lines += ["", f"Goal: at least 0.7 x N times one worker's throughput up to N = 8: the lowest here is "
-                      f"{ratio:.2f} ({n} workers, {images}-image requests): {'met' if ratio >= 0.7 else 'NOT met'}."]
-    text = "\n".join(lines) + "\n"
+    text = report(results, ceil, load, seconds, cores, args.model.name)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
