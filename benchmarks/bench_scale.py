@@ -1,14 +1,15 @@
 """Scaling benchmark: `network3 serve --workers N` for N = 1, 2, 4, ... up to the cores.
 
 For each N, one server (`--workers N --intra-op-threads 1 --no-http --metrics-port 0`) under
-1-image requests at concurrency 4 x N and 64-image requests at 2 x N, the load generator on the
+1-image requests at concurrency 4 x N and 64-image requests at 2 x N (--per-worker), the load generator on the
 same host; beside it the in-process onnxruntime ceiling (bench_serve.ceiling, one thread) and
 the ratio to N x one worker's throughput (issue 18's goal: at least 0.7 x N up to N = 8).
 
 Load generators (`--load`):
   * perf_analyzer (Triton's, from the tritonclient wheel), with
     TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT=1: one connection per concurrent request, since
-    SO_REUSEPORT spreads connections, not requests, over the workers;
+    SO_REUSEPORT spreads connections, not requests, over the workers (with perf_analyzer's
+    default, 6 requests share a connection: at 2 workers one of them served every request);
   * python: processes with grpc.aio, each concurrent request on its own channel and connection
     (a local subchannel pool), unary v2 ModelInfer in a closed loop.  It needs only grpcio,
     protobuf and numpy (a host without tritonclient);
@@ -16,7 +17,9 @@ Load generators (`--load`):
 
     python3 benchmarks/bench_scale.py --model models/default.onnx [--seconds S] [--max-workers N] [--quick]
 
-The `per worker` column is each worker's share of the requests (min-max %), from the access log.
+The `per worker` column is each worker's share of the requests (min-max %), from the access log:
+the kernel hashes each connection to a worker, so with 2 connections per worker some workers
+get 3 or 4 and some none (a raised --per-worker evens it out).
 Only numbers from a machine doing nothing else mean anything; the load generator shares the cores.
 """
 from __future__ import annotations
@@ -41,7 +44,7 @@ from bench_serve import Result, ceiling, run_perf  # noqa: E402
 from serving.contract import INPUT_NAME, INPUT_SHAPE, MODEL_NAME  # noqa: E402
 from serving.launch import ServerProcess, perf_analyzer  # noqa: E402
 
-SIZES = {1: 4, 64: 2}  # images per request: concurrent requests per worker (enough to saturate)
+SIZES = (1, 64)  # images per request
 ACCESS_PID = re.compile(r" access pid=(\d+) ")
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -170,6 +173,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds per point")
     ap.add_argument("--max-workers", type=int, default=cores, help=f"the most workers (default: the {cores} cores this process may use)")
     ap.add_argument("--load", choices=("auto", "python", "perf_analyzer"), default="auto")
+    ap.add_argument("--per-worker", default="4,2", help="requests in flight per worker, 1-image and 64-image "
+                    "(SO_REUSEPORT hashes connections to workers: with few per worker, some get more than others)")
     ap.add_argument("--quick", action="store_true", help="2 s per point, 1 s ceilings: a smoke run")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results" / "scale.md")
     args = ap.parse_args()
@@ -177,6 +182,7 @@ def main() -> None:
     if not args.model.exists():
         sys.exit(f"{args.model}: no such model; run `make train export` (or pass --model)")
     seconds = 2.0 if args.quick else args.seconds
+    per_worker = dict(zip(SIZES, (int(c) for c in args.per_worker.split(","))))
     found = perf_analyzer() if args.load != "python" else None
     if args.load == "perf_analyzer" and found is None:
         sys.exit("perf_analyzer does not run here (`make perf-analyzer-deps`; it needs tritonclient, "
@@ -199,8 +205,8 @@ def main() -> None:
             server = ServerProcess(args.model, "--workers", str(n), "--intra-op-threads", "1", "--no-http",
                                    "--metrics-port", "0", log=log, timeout=300)
             try:
-                for images, per_worker in SIZES.items():
-                    c = per_worker * n
+                for images in SIZES:
+                    c = per_worker[images] * n
                     print(f"{n} worker(s): {images} image(s)/request, concurrency {c} ...", file=sys.stderr, flush=True)
                     offset = len(server.log())
                     if found:
