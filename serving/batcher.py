@@ -5,8 +5,11 @@ requests from the head until `max_batch_size` images (a larger request is split 
 batches and reassembled); with `max_queue_delay_us` > 0 it waits that long after the oldest
 request for more to arrive, with 0 it takes what is queued and never waits.
 
-Every request takes the same path: queued, taken into a batch, computed, delivered.  Where a
-batch is computed is the one cost decision: on this CPU-bound model a small onnxruntime call
+Every request takes the same path, queued, taken into a batch, computed, delivered, except a
+request that is a good batch already (`alone_min` images or more): merging it would add a wait,
+a copy and a hand-back and save nothing, so it runs on its own in an executor thread
+(`run_alone`, which `--no-batching` uses for every request).  Where a batch is computed is the
+cost decision: on this CPU-bound model a small onnxruntime call
 costs less than handing it to a thread and waking the loop again, so a batch of up to
 `inline_max` images runs inline on the event loop thread, and larger batches go to one of
 `instances` executor threads (onnxruntime releases the GIL, so gRPC keeps working on the
@@ -45,13 +48,18 @@ class BatcherOptions:
     instances: int = 1  # batches computed at the same time
     batching: bool = True  # False: the server runs every request on its own (serving.unbatched)
     inline_max: int = 8  # batches up to this many images run on the event loop thread
+    # A request of at least this many images is a good batch already and runs on its own, in an
+    # executor thread, rather than waiting to be merged: onnxruntime's cost per image is flat
+    # from about 8 images up (63-66 us at 8 to 256 on EPYC: docs/results.md), so merging it
+    # would only add a wait, a copy and a hand-back.  0: merge every request.
+    alone_min: int = 16
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue_size", "instances"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if self.max_queue_delay_us < 0 or self.inline_max < 0:
-            raise ValueError("max_queue_delay_us and inline_max must not be negative")
+        if self.max_queue_delay_us < 0 or self.inline_max < 0 or self.alone_min < 0:
+            raise ValueError("max_queue_delay_us, inline_max and alone_min must not be negative")
 
 
 def compute(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -65,6 +73,24 @@ def compute(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         raise ModelFailed(f"the model failed on this request's batch ({type(e).__name__}); "
                           "see the server log") from None
     return logits, probs, now() - t0
+
+
+async def run_alone(pool, model, x: np.ndarray, stats: Stats, t0: float, inline: bool = False):
+    """One request as its own onnxruntime call (a good batch already, or --no-batching), in an
+    executor thread or, `inline`, on this thread: (logits, probabilities, model), counted as a
+    batch of one request."""
+    if inline:
+        logits, probs, seconds = compute(model, x)
+    else:
+        logits, probs, seconds = await asyncio.wrap_future(pool.submit(compute, model, x))
+    waited = max(0.0, now() - t0 - seconds)  # the wait for a thread
+    stats.queue.observe(waited)
+    stats.record_batch(len(x), 1, seconds)
+    trace = CURRENT.get()
+    if trace is not None:
+        trace.queued(waited)
+        trace.computed(len(x), seconds, model, probs)
+    return logits, probs, model
 
 
 def deadline_passed(stats: Stats) -> DeadlineExceeded:
@@ -102,6 +128,7 @@ class DynamicBatcher:
         self._queue: collections.deque[_Entry] = collections.deque()
         self._queued = 0  # images waiting (not yet taken into a batch)
         self._inflight = 0  # batches being computed (inline or in a thread)
+        self._alone = 0  # images of requests running on their own (alone_min)
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._pool = concurrent.futures.ThreadPoolExecutor(o.instances, thread_name_prefix="network3-infer")
@@ -113,11 +140,20 @@ class DynamicBatcher:
         """x: float32 [N, 1, 28, 28]; deadline: a time.perf_counter() value or None."""
         if self._closed:
             raise Unavailable("server is shutting down")
-        n, limit = len(x), self.options.max_queue_size
-        if self._queued + n > limit:
+        n, o = len(x), self.options
+        if self._queued + self._alone + n > o.max_queue_size:
             self.stats.rejected_images += n
-            raise Overloaded(f"queue full: {self._queued} images waiting, {n} more would pass "
-                             f"--max-queue-size {limit}")
+            raise Overloaded(f"queue full: {self._queued + self._alone} images waiting, {n} more would pass "
+                             f"--max-queue-size {o.max_queue_size}")
+        if o.alone_min and o.alone_min <= n <= o.max_batch_size:
+            t0 = now()
+            if deadline is not None and t0 > deadline:
+                raise deadline_passed(self.stats)
+            self._alone += n
+            try:
+                return await run_alone(self._pool, self.model, x, self.stats, t0)
+            finally:
+                self._alone -= n
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._queue.append(_Entry(x, fut, deadline, now(), CURRENT.get()))

@@ -451,6 +451,9 @@ class _Workers(click.ParamType):
 @click.option("--batching/--no-batching", default=B.batching, help="--no-batching runs each request on its own (for comparison).")
 @click.option("--inline-max-images", default=B.inline_max, type=click.IntRange(0),
               help="Batches up to this many images run on the event loop thread; larger ones in executor threads.")
+@click.option("--alone-min-images", default=B.alone_min, type=click.IntRange(0),
+              help="A request of at least this many images is a good batch already: it runs on its own in an executor "
+                   "thread instead of waiting to be merged (0: merge every request).")
 @click.option("--intra-op-threads", default=M.intra_op_threads, type=click.IntRange(0),
               help="onnxruntime threads per call (0: one per core).  1 leaves the other cores to gRPC and other batches.")
 @click.option("--max-message-bytes", default=L.max_message_bytes, type=click.IntRange(1024), help="gRPC message size limit, both directions.")
@@ -487,7 +490,7 @@ class _Workers(click.ParamType):
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Log level of the server's own messages.")
 def serve_command(model, host, port, http_port, no_http, http_idle_timeout, cors_origins, model_name, max_batch_size, max_queue_delay_us, max_queue_size, instances,
-                  batching, inline_max_images, intra_op_threads, max_message_bytes, max_images_per_request, max_pixels,
+                  batching, inline_max_images, alone_min_images, intra_op_threads, max_message_bytes, max_images_per_request, max_pixels,
                   grace, metrics_port, tls_cert, tls_key, tls_client_ca, token_file, watch_interval, workers, metrics_dir, access_log,
                   otel_endpoint, log_level):
     """Serve an ONNX model over gRPC (network3.v1.DigitClassifier and the Triton/KServe v2 API) and
@@ -502,7 +505,7 @@ def serve_command(model, host, port, http_port, no_http, http_idle_timeout, cors
         model=model, host=host, port=port, http_port=None if no_http else http_port, model_name=model_name,
         batcher=BatcherOptions(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
                                max_queue_size=max_queue_size, instances=instances, batching=batching,
-                               inline_max=inline_max_images),
+                               inline_max=inline_max_images, alone_min=alone_min_images),
         limits=Limits(max_images_per_request=max_images_per_request, max_pixels=max_pixels,
                       max_message_bytes=max_message_bytes),
         model_options=ModelOptions(intra_op_threads=intra_op_threads),

@@ -8,16 +8,14 @@ runs inline on the event loop thread, a larger one in one of `instances` executo
 """
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import time
 
 import numpy as np
 
-from .batcher import BatcherOptions, compute, deadline_passed
+from .batcher import BatcherOptions, deadline_passed, run_alone
 from .errors import Overloaded, Unavailable
 from .metrics import Stats
-from .tracing import CURRENT
 
 now = time.perf_counter
 
@@ -43,23 +41,11 @@ class Unbatched:
             self.stats.rejected_images += n
             raise Overloaded(f"queue full: {self._images} images in flight, {n} more would pass "
                              f"--max-queue-size {o.max_queue_size}")
-        model = self.model
         self._images += n
         try:
-            if n <= o.inline_max:
-                logits, probs, seconds = compute(model, x)
-            else:
-                logits, probs, seconds = await asyncio.wrap_future(self._pool.submit(compute, model, x))
+            return await run_alone(self._pool, self.model, x, self.stats, t0, inline=n <= o.inline_max)
         finally:
             self._images -= n
-        waited = max(0.0, now() - t0 - seconds)  # the wait for a thread
-        self.stats.queue.observe(waited)
-        self.stats.record_batch(n, 1, seconds)
-        trace = CURRENT.get()
-        if trace is not None:
-            trace.queued(waited)
-            trace.computed(n, seconds, model, probs)
-        return logits, probs, model
 
     @property
     def queued_images(self) -> int:

@@ -109,6 +109,31 @@ def test_requests_arriving_while_busy_share_one_batch(model, x):
     assert b.stats.batch_size.count == 2 and b.stats.queue.count == 6
 
 
+def test_a_request_that_is_a_good_batch_runs_alone_and_small_ones_still_merge(model, x):
+    """Arriving while a batch runs: two 32-image requests (alone_min 16) each go to the
+    executor as they are, the single images wait and go as one batch.  With alone_min 0 the
+    big ones would have been merged too."""
+    for alone_min, want in ((16, [2, 32, 32, 4]), (0, [2, 68])):
+        gated = Gated(model)
+
+        async def main():
+            b = DynamicBatcher(gated, BatcherOptions(inline_max=0, instances=1, alone_min=alone_min))
+            first = asyncio.ensure_future(b.infer(x[:2]))
+            await asyncio.get_running_loop().run_in_executor(None, gated.started.wait, 10)
+            big = [asyncio.ensure_future(b.infer(x[10 + 32 * i:42 + 32 * i])) for i in range(2)]
+            small = [asyncio.ensure_future(b.infer(x[i:i + 1])) for i in range(2, 6)]
+            await asyncio.sleep(0.01)
+            assert b.queued_images == (4 if alone_min else 68)
+            gated.gate.set()
+            return b, await first, await asyncio.gather(*big), await asyncio.gather(*small)
+
+        b, first, big, small = run(main())
+        assert sorted(gated.sizes) == sorted(want), alone_min
+        for i, (_, probs, _) in enumerate(big):
+            np.testing.assert_allclose(probs, model.predict(x[10 + 32 * i:42 + 32 * i])[1], rtol=1e-5, atol=1e-6)
+        assert b.stats.inference_count() == 2 + 64 + 4 and b.stats.queue.count == 7
+
+
 def test_queue_delay_gathers_concurrent_requests(model, x):
     async def main():
         b = DynamicBatcher(model, BatcherOptions(max_queue_delay_us=50_000))

@@ -132,8 +132,9 @@ def test_a_client_killed_mid_stream_frees_its_work(onnx_model, digits, api):
     drops them without computing them, empties its queue, counts the stream CANCELLED and
     goes on serving."""
     pixels, labels = digits
-    # The queue delay holds the requests in the batcher's queue long enough to kill the client.
-    with thread_server(onnx_model, batcher={"max_queue_delay_us": 2_000_000}) as s:
+    # The queue delay holds the requests in the batcher's queue long enough to kill the client
+    # (alone_min 0: 16-image requests are merged too, not run on their own at once).
+    with thread_server(onnx_model, batcher={"max_queue_delay_us": 2_000_000, "alone_min": 0}) as s:
         batcher, stats = s.server.serving.batcher, s.stats
         computed = stats.inference_count()
         client = subprocess.Popen([sys.executable, "-c", CLIENT, api, s.address, "10"], cwd=ROOT,

@@ -344,7 +344,8 @@ def test_request_id_echoed_and_counted_in_metrics(server, digits):
 
 def test_queue_full_is_429_and_deadline_504(onnx_model, digits):
     pixels, probs = digits
-    with thread_server(onnx_model, batcher={"max_queue_delay_us": 600_000, "max_queue_size": 20}) as s:
+    with thread_server(onnx_model, batcher={"max_queue_delay_us": 600_000, "max_queue_size": 20,
+                                                 "alone_min": 0}) as s:  # every request queues
         c = th.InferenceServerClient(f"127.0.0.1:{s.http_port}", network_timeout=T)
         body = infer_body(images(pixels), outputs=[{"name": "probabilities"}])
         with ThreadPoolExecutor(1) as pool:  # a thread, not tritonclient's greenlets: it runs while we wait

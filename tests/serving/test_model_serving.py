@@ -141,6 +141,7 @@ def test_serve_defaults_are_the_option_dataclasses():
     option_field = {"max_batch_size": (BatcherOptions, "max_batch_size"), "max_queue_delay_us": (BatcherOptions, "max_queue_delay_us"),
                     "max_queue_size": (BatcherOptions, "max_queue_size"), "instances": (BatcherOptions, "instances"),
                     "batching": (BatcherOptions, "batching"), "inline_max_images": (BatcherOptions, "inline_max"),
+                    "alone_min_images": (BatcherOptions, "alone_min"),
                     "intra_op_threads": (ModelOptions, "intra_op_threads"),
                     "max_message_bytes": (Limits, "max_message_bytes"), "max_images_per_request": (Limits, "max_images_per_request"),
                     "max_pixels": (Limits, "max_pixels"), "host": (ServerOptions, "host"), "port": (ServerOptions, "port"),

@@ -322,7 +322,7 @@ def test_concurrent_requests_are_batched(onnx_model, digits):
 
 def test_queue_full_and_deadline_expiry(onnx_model, digits):
     pixels, labels = digits
-    opts = {"max_queue_delay_us": 600_000, "max_queue_size": 64}
+    opts = {"max_queue_delay_us": 600_000, "max_queue_size": 64, "alone_min": 0}  # every request queues
     with thread_server(onnx_model, batcher=opts) as s, s.channel() as ch:
         classify, _ = stubs(ch)
         batcher = s.server.serving.batcher
