@@ -40,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_serve import Result, ceiling, run_perf  # noqa: E402
+from bench_serve import Result, ceiling, run_perf, write_report  # noqa: E402
 from serving.contract import INPUT_NAME, INPUT_SHAPE, MODEL_NAME  # noqa: E402
 from serving.launch import ServerProcess, perf_analyzer  # noqa: E402
 
@@ -222,11 +222,7 @@ def main() -> None:
             finally:
                 server.stop()
 
-    text = report(results, ceil, load, seconds, cores, args.model.name)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"written to {args.out}", file=sys.stderr)
+    write_report(report(results, ceil, load, seconds, cores, args.model.name), args.out)
 
 
 if __name__ == "__main__":

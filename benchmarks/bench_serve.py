@@ -122,6 +122,14 @@ def ceiling(model: Path, batch: int, seconds: float) -> dict[int, float]:
 
 # ------------------------------------------------------------------------ profile --
 
+def write_report(text: str, out: Path) -> None:
+    """A benchmark's markdown: on stdout and in `out` (bench_scale's too)."""
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"written to {out}", file=sys.stderr)
+
+
 class Context:
     """What the handlers ask of a grpc.aio context, for in-process profiles (bench_tracing too)."""
 
@@ -278,11 +286,7 @@ def main() -> None:
                       f"{row['Server Queue']}, compute {row['Server Compute Infer']}, client recv {row['Client Recv']}; "
                       f"p50 {c1.p50_ms * 1000:.0f}. What is not compute is gRPC (HTTP/2, the C core, the asyncio "
                       f"hand-off) on both ends."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"written to {args.out}", file=sys.stderr)
+    write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

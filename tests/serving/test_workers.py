@@ -47,6 +47,18 @@ def wait_until(condition, what: str, timeout: float = 60):
         time.sleep(0.05)
 
 
+def replace_model(onnx_model, path, marker: str) -> str:
+    """Rename over `path` the model with one more metadata entry (another sha256): that sha256."""
+    import onnx
+
+    m = onnx.load(str(onnx_model))
+    m.metadata_props.add(key="reload_marker", value=marker)
+    aside = path.with_name(f".{path.name}.new")
+    onnx.save(m, str(aside))
+    os.replace(aside, path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def pids_of(server) -> list[int]:
     m = WORKERS.search(server.log())
     return [int(p) for p in m.group(2).split()]
@@ -201,19 +213,13 @@ def test_sigkill_of_a_worker_under_load(process_server, expected):
 
 
 def test_sighup_reloads_every_worker_and_a_bad_file_none(process_server, onnx_model, tmp_path, expected):
-    import onnx
-
     pixels, digits = expected
     path = tmp_path / "served.onnx"
     shutil.copy(onnx_model, path)
     s = process_server("--workers", "2", model=path)
     pids = pids_of(s)
     first = hashlib.sha256(path.read_bytes()).hexdigest()
-    m = onnx.load(str(onnx_model))
-    m.metadata_props.add(key="reload_marker", value="second")
-    onnx.save(m, str(tmp_path / "new.onnx"))
-    os.replace(tmp_path / "new.onnx", path)
-    second = hashlib.sha256(path.read_bytes()).hexdigest()
+    second = replace_model(onnx_model, path, "second")
     s.signal(signal.SIGHUP)
     s.wait_for_log(rf"reloaded \S+ in all 2 workers: sha256 {first[:12]} -> {second[:12]}")
     for pid in pids:  # each worker says it switched
@@ -341,17 +347,11 @@ def test_reload_switches_all_workers_or_none(answers, switch, caplog):
 
 def test_watch_interval_reloads_every_worker(process_server, onnx_model, tmp_path):
     """--watch-interval with workers: the parent watches, and reloads them all as on SIGHUP."""
-    import onnx
-
     path = tmp_path / "served.onnx"
     shutil.copy(onnx_model, path)
     s = process_server("--workers", "2", "--watch-interval", "0.2", model=path)
     first = hashlib.sha256(path.read_bytes()).hexdigest()
-    m = onnx.load(str(onnx_model))
-    m.metadata_props.add(key="reload_marker", value="watched")
-    onnx.save(m, str(tmp_path / "new.onnx"))
-    os.replace(tmp_path / "new.onnx", path)
-    second = hashlib.sha256(path.read_bytes()).hexdigest()
+    second = replace_model(onnx_model, path, "watched")
     s.wait_for_log(rf"reloaded \S+ in all 2 workers: sha256 {first[:12]} -> {second[:12]}")
     for pid in pids_of(s):
         s.wait_for_log(rf"network3.server\[{pid}\]: reloaded \S+: sha256 {first[:12]} -> {second[:12]}")
@@ -361,19 +361,13 @@ def test_watch_interval_reloads_every_worker(process_server, onnx_model, tmp_pat
 def test_a_replacement_serves_what_the_others_serve(process_server, onnx_model, tmp_path, expected):
     """The file changed on disk and nobody reloaded: a replacement worker that loaded the new file
     does not serve beside workers on the old one; after SIGHUP all serve the new file."""
-    import onnx
-
     pixels, digits = expected
     path = tmp_path / "served.onnx"
     shutil.copy(onnx_model, path)
     s = process_server("--workers", "2", model=path)
     pids = pids_of(s)
     first = hashlib.sha256(path.read_bytes()).hexdigest()
-    m = onnx.load(str(onnx_model))
-    m.metadata_props.add(key="reload_marker", value="unannounced")
-    onnx.save(m, str(tmp_path / "new.onnx"))
-    os.replace(tmp_path / "new.onnx", path)
-    second = hashlib.sha256(path.read_bytes()).hexdigest()
+    second = replace_model(onnx_model, path, "unannounced")
     os.kill(pids[0], signal.SIGKILL)
     s.wait_for_log(rf"served.onnx is sha256 {second[:12]} where the other workers serve {first[:12]}: the file changed")
     assert "serves, replacing pid" not in s.log()
