@@ -180,20 +180,31 @@ def test_a_stream_is_one_span_over_all_its_messages_and_each_batch_counts_once(o
         assert a["network3.compute_seconds"] == pytest.approx(stats.compute.sum - compute, rel=1e-9, abs=1e-12)
 
 
-def test_a_stream_the_client_cancels_records_cancelled(traced, spans):
-    server, _ = traced
-    more = threading.Event()
+def test_a_stream_the_client_cancels_records_cancelled(onnx_model):
+    """The client cancels while its request waits in the batcher's queue (a long queue delay
+    holds it there): the stream's span ends CANCELLED.  (Cancelled while the server waits for
+    its next request, grpc.aio may end the stream as if the client had closed it.)"""
+    exporter = InMemorySpanExporter()
+    with thread_server(onnx_model, batcher={"max_queue_delay_us": 10_000_000}) as server:
+        server.server.serving.tracing = Tracing(exporter, batch=False)
+        more = threading.Event()
 
-    def requests():
-        yield pb.ClassifyRequest(images=[pb.Image(pixels=bytes(784))])
-        more.wait(T)  # the stream stays open until the client cancels it
+        def requests():
+            yield pb.ClassifyRequest(images=[pb.Image(pixels=bytes(784))])
+            more.wait(T)  # the stream stays open until the client cancels it
 
-    with server.channel() as channel:
-        call = pb_grpc.DigitClassifierStub(channel).ClassifyStream(requests(), timeout=T)
-        next(call)
-        call.cancel()
-        more.set()
-    [span] = spans()
+        with server.channel() as channel:
+            call = pb_grpc.DigitClassifierStub(channel).ClassifyStream(requests(), timeout=T)
+            deadline = time.monotonic() + T
+            while server.server.serving.batcher.queued_images != 1:
+                assert time.monotonic() < deadline, "the request never reached the queue"
+                time.sleep(0.01)
+            call.cancel()
+            more.set()
+        while not exporter.get_finished_spans():
+            assert time.monotonic() < deadline, "no span"
+            time.sleep(0.01)
+    [span] = exporter.get_finished_spans()
     assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
     assert span.attributes["network3.images"] == 1 and span.status.status_code == StatusCode.ERROR
 
