@@ -151,7 +151,7 @@ class DynamicBatcher:
                 raise deadline_passed(self.stats)
             self._alone += n
             try:
-                return await run_alone(self._pool, self.model, x, self.stats, t0)
+                return await run_alone(self._pool, self.model, x, self.stats, t0, inline=n <= o.inline_max)
             finally:
                 self._alone -= n
         loop = asyncio.get_running_loop()
