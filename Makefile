@@ -15,7 +15,7 @@ TRAIN_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help install install-gpu install-serving data train evaluate export serve classify demo test test-serving lint protos \
-	book bench bench-train bench-export bench-serve bench-scale bench-http perf-analyzer-deps bench-client bench-preprocess soak fuzz image image-test clean
+	book bench bench-train bench-export bench-serve bench-scale bench-http bench-peers perf-analyzer-deps bench-client bench-preprocess soak fuzz image image-test clean
 .DEFAULT_GOAL := help
 
 # `make` and `make help`: every target with the one line after its `##`.
@@ -68,7 +68,7 @@ lint: install ## ruff (pyflakes' checks) and the import-cycle check
 	$(PY) ../shared/tools/imports.py . training serving
 
 # Every bench-* target, in one go (a quiet machine only: a benchmark is void while anything else runs).
-bench: bench-train bench-export bench-serve bench-scale bench-http bench-client bench-preprocess ## every bench-* target (a quiet machine only)
+bench: bench-train bench-export bench-serve bench-scale bench-http bench-peers bench-client bench-preprocess ## every bench-* target (a quiet machine only)
 
 # The book's table: every nielsen-* preset x 3 seeds into runs/book/, resumable: run it again
 # after an interruption (hours on a CPU; BOOK_ARGS="--workers 6" on a GPU box, DEVICE=cuda).
@@ -135,6 +135,31 @@ BENCH_HTTP_ARGS ?=
 bench-http: install perf-analyzer-deps ## perf_analyzer over HTTP against a thin aiohttp server, gRPC beside it, /v1/classify latency
 	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
 	$(PY) benchmarks/bench_http.py --model $(MODEL) $(BENCH_HTTP_ARGS)
+
+# network3 beside KServe's and MLServer's Python model servers and the thin reference, all serving
+# MODEL with onnxruntime under one Python load generator over gRPC v2 (quiet machine only).  Each
+# peer gets its own environment under PEERS_VENV, created once (the stamp names the version): a
+# peer whose install fails is reported as not run and the others still run (pip runs again when
+# the Makefile changes: quick when all is installed).
+PEERS_VENV ?= .venv-peers
+KSERVE_VERSION ?= 0.21.0
+MLSERVER_VERSION ?= 1.7.1
+BENCH_PEERS_ARGS ?=
+$(PEERS_VENV)/kserve/.installed-$(KSERVE_VERSION): Makefile
+	test -x $(PEERS_VENV)/kserve/bin/python || $(PYTHON) -m venv $(PEERS_VENV)/kserve
+	$(PEERS_VENV)/kserve/bin/python -m pip install -q --disable-pip-version-check 'kserve==$(KSERVE_VERSION)' onnxruntime numpy
+	touch $@
+# uvloop<0.22: with uvloop 0.22 and later MLServer 1.7.1's inference worker dies at start-up
+# ("There is no current event loop", SeldonIO/MLServer#2286, unfixed in 1.7.1).
+$(PEERS_VENV)/mlserver/.installed-$(MLSERVER_VERSION): Makefile
+	test -x $(PEERS_VENV)/mlserver/bin/python || $(PYTHON) -m venv $(PEERS_VENV)/mlserver
+	$(PEERS_VENV)/mlserver/bin/python -m pip install -q --disable-pip-version-check 'mlserver==$(MLSERVER_VERSION)' 'uvloop<0.22' onnxruntime numpy
+	touch $@
+bench-peers: install ## network3 beside KServe 0.21, MLServer 1.7.1 and the thin reference, one Python load generator
+	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
+	-$(MAKE) --no-print-directory $(PEERS_VENV)/kserve/.installed-$(KSERVE_VERSION)
+	-$(MAKE) --no-print-directory $(PEERS_VENV)/mlserver/.installed-$(MLSERVER_VERSION)
+	$(PY) benchmarks/bench_peers.py --model $(MODEL) --peers-venv $(PEERS_VENV) $(BENCH_PEERS_ARGS)
 
 # Serve MODEL on 127.0.0.1:PORT until Ctrl-C (SERVE_ARGS for anything else: --metrics-port, --token-file...).
 SERVE_ARGS ?=
