@@ -60,6 +60,10 @@ PACKAGES = {"kserve": ("kserve", "onnxruntime", "grpcio", "uvloop"), "mlserver":
 
 # ------------------------------------------------------------------------ servers --
 
+class NotInstalled(RuntimeError):
+    """A peer's environment is missing or incomplete."""
+
+
 @dataclass
 class Running:
     """A server that answers on `address`, and how to stop it."""
@@ -149,13 +153,13 @@ def peer_python(venvs: Path, name: str) -> tuple[Path, dict[str, str]]:
     """The peer's interpreter and the versions of its packages; RuntimeError saying why not."""
     python = venvs / name / "bin" / "python"  # not resolved: the venv's own interpreter
     if not python.exists():
-        raise RuntimeError(f"not installed: no {python} (`make bench-peers` creates it; if it did, its pip install "
+        raise NotInstalled(f"not installed: no {python} (`make bench-peers` creates it; if it did, its pip install "
                            f"failed: see make's output)")
     code = ("import importlib.metadata as m, json, sys; "
             f"print(json.dumps({{p: m.version(p) for p in {list(PACKAGES[name])!r}}}))")
     r = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=60)
     if r.returncode:
-        raise RuntimeError(f"{venvs / name} lacks a package: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise NotInstalled(f"not installed: {venvs / name} lacks a package: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     return python, json.loads(r.stdout)
 
 
@@ -384,7 +388,7 @@ def main() -> None:
             try:
                 server = start(name, args.model, args.peers_venv, Path(tmp), args.start_timeout)
             except Exception as e:  # noqa: BLE001 - a peer that cannot start gets a line; the others run
-                skipped[name] = f"did not start: {e}"
+                skipped[name] = str(e) if isinstance(e, NotInstalled) else f"did not start: {e}"
                 print(f"{name}: {skipped[name]}", file=sys.stderr, flush=True)
                 continue
             try:
