@@ -39,7 +39,7 @@ from .metrics import Stats, start_metrics_server
 from .model import ModelOptions, load_model
 from .unbatched import Unbatched
 from .watch import watch, watched_files
-from .workers import LOG_FORMAT, WorkersFailed, cpu_count, supervise
+from .workers import LOG_FORMAT, WorkersFailed, cpu_count, host_port, supervise
 
 log = logging.getLogger("network3.server")
 
@@ -220,7 +220,7 @@ class Network3Server:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        address = f"{o.host}:{o.port}"
+        address = host_port(o.host, o.port)
         try:
             if self._tls is not None:
                 self.port = server.add_secure_port(address, self._tls.grpc_credentials())
@@ -242,8 +242,8 @@ class Network3Server:
             self._metrics = start_metrics_server(self.stats, o.metrics_port, o.host)
         if o.watch_interval > 0:
             self._watcher = loop.create_task(watch(watched_files(o), o.watch_interval, self.reload))
-        log.info("serving %s (sha256 %s, %s) as %r on %s:%d%s%s%s", model.path, model.sha256[:12],
-                 ",".join(model.providers), o.model_name, o.host, self.port, " with TLS" if o.tls_cert else "",
+        log.info("serving %s (sha256 %s, %s) as %r on %s%s%s%s", model.path, model.sha256[:12],
+                 ",".join(model.providers), o.model_name, host_port(o.host, self.port), " with TLS" if o.tls_cert else "",
                  f", http on :{self.http_port}" if self.http_port is not None else "",
                  f", metrics on :{self._metrics.server_port}/metrics" if self._metrics else "")
         return self.port
@@ -263,7 +263,7 @@ class Network3Server:
         except OSError as e:
             await runner.cleanup()
             reason = os.strerror(e.errno) if e.errno else str(e)  # asyncio's strerror repeats the address
-            raise StartupError(f"cannot listen on http {o.host}:{o.http_port}: {reason}") from None
+            raise StartupError(f"cannot listen on http {host_port(o.host, o.http_port)}: {reason}") from None
         self._http = runner
         self.http_port = runner.addresses[0][1]
 
@@ -272,8 +272,7 @@ class Network3Server:
         """The HTTP base URL, e.g. http://127.0.0.1:8000 (None: no HTTP)."""
         if self.http_port is None:
             return None
-        host = f"[{self.options.host}]" if ":" in self.options.host else self.options.host
-        return f"{'https' if self.options.tls_cert else 'http'}://{host}:{self.http_port}"
+        return f"{'https' if self.options.tls_cert else 'http'}://{host_port(self.options.host, self.http_port)}"
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new calls, let calls in flight finish (up to grace)."""
@@ -399,7 +398,7 @@ async def serve(options: ServerOptions) -> int:
     loop.add_signal_handler(signal.SIGHUP, lambda: (log.info("SIGHUP received: reloading"), spawn(server.reload())))
     if server.http_url is not None:
         print(f"network3 http on {server.http_url}", file=sys.stderr, flush=True)
-    print(f"network3 serving on {options.host}:{server.port}", file=sys.stderr, flush=True)
+    print(f"network3 serving on {host_port(options.host, server.port)}", file=sys.stderr, flush=True)
     await server.wait()
     return 0
 

@@ -84,6 +84,11 @@ def cpu_count(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
 
 # ------------------------------------------------------------------------------ the ports --
 
+def host_port(host: str, port: int | str) -> str:
+    """host:port as gRPC, URLs and people read it: an IPv6 literal in brackets ([::]:50051)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def hold_port(host: str, port: int, what: str) -> tuple[int, list[socket.socket]]:
     """Bind `port` (0: any free one) on every address of `host` without SO_REUSEPORT (it must
     be free), then turn SO_REUSEPORT on so that our workers can join.  The sockets never
@@ -91,7 +96,7 @@ def hold_port(host: str, port: int, what: str) -> tuple[int, list[socket.socket]
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
-        raise WorkersFailed(f"cannot listen on {what}{host}:{port}: {e.strerror}") from None
+        raise WorkersFailed(f"cannot listen on {what}{host_port(host, port)}: {e.strerror}") from None
     held: list[socket.socket] = []
     try:
         for family, kind, proto, _, address in addresses:
@@ -103,7 +108,7 @@ def hold_port(host: str, port: int, what: str) -> tuple[int, list[socket.socket]
                 if len(held) > 1 and e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
                     held.pop().close()  # e.g. no IPv6 here: the workers will not bind it either
                     continue
-                raise WorkersFailed(f"cannot listen on {what}{host}:{port}: {os.strerror(e.errno)}") from None
+                raise WorkersFailed(f"cannot listen on {what}{host_port(host, port)}: {os.strerror(e.errno)}") from None
             port = s.getsockname()[1]  # port 0: the others take the same one
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     except BaseException:
@@ -305,7 +310,7 @@ class Supervisor:
                                                      o.host)
             except OSError as e:
                 self._release()
-                raise WorkersFailed(f"cannot listen on metrics {o.host}:{o.metrics_port}: "
+                raise WorkersFailed(f"cannot listen on metrics {host_port(o.host, o.metrics_port)}: "
                                     f"{os.strerror(e.errno) if e.errno else e}") from None
         for slot in range(o.workers):
             self._start(slot)
@@ -317,7 +322,7 @@ class Supervisor:
         self.started = True
         if o.watch_interval > 0:
             self._spawn(watch(watched_files(o), o.watch_interval, self.reload))
-        log.info("%d workers serving %s as %r on %s:%d (pids %s)%s%s", o.workers, o.model, o.model_name, o.host, port,
+        log.info("%d workers serving %s as %r on %s (pids %s)%s%s", o.workers, o.model, o.model_name, host_port(o.host, port),
                  " ".join(map(str, self.pids())), f", http on :{http_port}" if http_port is not None else "",
                  f", metrics on :{self._metrics.server_port}/metrics" if self._metrics else "")
 
@@ -509,6 +514,6 @@ async def supervise(options, server_class) -> int:
     if sup.http_url is not None:
         print(f"network3 http on {sup.http_url}", file=sys.stderr, flush=True)
     print(f"network3 workers {options.workers}: pids {' '.join(map(str, sup.pids()))}", file=sys.stderr, flush=True)
-    print(f"network3 serving on {options.host}:{sup.port}", file=sys.stderr, flush=True)
+    print(f"network3 serving on {host_port(options.host, sup.port)}", file=sys.stderr, flush=True)
     await sup._stopped.wait()
     return 0

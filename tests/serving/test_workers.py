@@ -389,3 +389,28 @@ def test_workers_auto_is_the_cpus_we_may_use(tmp_path, cpu_max, quota):
         path.write_text(cpu_max + "\n")
     cpus = len(os.sched_getaffinity(0))
     assert cpu_count(path) == (cpus if quota is None else min(cpus, quota))
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this host")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_ipv6_host_serves_grpc_http_and_metrics(process_server, expected, workers):
+    """`--host ::1`: gRPC is given [::1]:port (without brackets it read the address as a port
+    of ':'), the start-up line and the HTTP URL bracket the literal, and all three listen."""
+    pixels, digits = expected
+    server = process_server("--host", "::1", "--workers", workers, "--metrics-port", "0")
+    assert server.address == f"[::1]:{server.port}"
+    assert server.http_url == f"http://[::1]:{server.http_port}"
+    assert classify_once(server.address, pixels[0].tobytes()) == digits[0]
+    with urllib.request.urlopen(f"{server.http_url}/v2/health/ready", timeout=T) as r:
+        assert r.status == 200
+    text = urllib.request.urlopen(f"http://[::1]:{server.metrics_port}/metrics", timeout=T).read().decode()
+    assert "network3_requests_total" in text
