@@ -5,10 +5,11 @@ requests from the head until `max_batch_size` images (a larger request is split 
 batches and reassembled); with `max_queue_delay_us` > 0 it waits that long after the oldest
 request for more to arrive, with 0 it takes what is queued and never waits.
 
-Every request takes the same path, queued, taken into a batch, computed, delivered, except a
-request that is a good batch already (`alone_min` images or more): merging it would add a wait,
-a copy and a hand-back and save nothing, so it runs on its own in an executor thread
-(`run_alone`, which `--no-batching` uses for every request).  Where a batch is computed is the
+Every request takes the same path, queued, taken into a batch, computed, delivered, except
+two kinds that run on their own (`run_alone`, which `--no-batching` uses for every request): a
+request that is a good batch already (`alone_min` images or more: merging it would add a wait,
+a copy and a hand-back and save nothing), in an executor thread, and a small request that finds
+the batcher idle, inline (it would be a batch of one).  Where a batch is computed is the
 cost decision: on this CPU-bound model a small onnxruntime call
 costs less than handing it to a thread and waking the loop again, so a batch of up to
 `inline_max` images runs inline on the event loop thread, and larger batches go to one of
@@ -145,7 +146,12 @@ class DynamicBatcher:
             self.stats.rejected_images += n
             raise Overloaded(f"queue full: {self._queued + self._alone} images waiting, {n} more would pass "
                              f"--max-queue-size {o.max_queue_size}")
-        if o.alone_min and o.alone_min <= n <= o.max_batch_size:
+        # Two kinds of request cannot gain from the queue and run on their own (run_alone): one
+        # that is a good batch already, and a small one that finds the batcher idle (nothing
+        # queued, no batch running, no queue delay to wait for others), which would be taken
+        # at once as a batch of one anyway, minus the queue's bookkeeping (about 10 us a request).
+        if (o.alone_min and o.alone_min <= n <= o.max_batch_size) or \
+                (n <= o.inline_max and not self._queue and not self._inflight and not self._delay):
             t0 = now()
             if deadline is not None and t0 > deadline:
                 raise deadline_passed(self.stats)

@@ -409,20 +409,23 @@ async def serve(options: ServerOptions) -> int:
 B, L, M, S = BatcherOptions, Limits, ModelOptions, ServerOptions
 
 
-class _Workers(click.ParamType):
-    name = "workers"
+class _CountOrAuto(click.ParamType):
+    """A count (1 or more) or `auto`, which converts to 0 (the command works out what it means)."""
+
+    def __init__(self, what: str) -> None:
+        self.name, self.what = what.replace(" ", "-"), what
 
     def convert(self, value, param, ctx) -> int:
         if isinstance(value, int):
             return value
         if str(value).strip().lower() == "auto":
-            return cpu_count()
+            return 0
         try:
             n = int(value)
         except ValueError:
             n = 0
         if n < 1:
-            self.fail(f"{value!r} is not a number of workers (1 or more) or auto", param, ctx)
+            self.fail(f"{value!r} is not a number of {self.what} (1 or more) or auto", param, ctx)
         return n
 
 
@@ -454,7 +457,11 @@ class _Workers(click.ParamType):
               help="A request of at least this many images is a good batch already: it runs on its own in an executor "
                    "thread instead of waiting to be merged (0: merge every request).")
 @click.option("--intra-op-threads", default=M.intra_op_threads, type=click.IntRange(0),
-              help="onnxruntime threads per call (0: one per core).  1 leaves the other cores to gRPC and other batches.")
+              help=f"onnxruntime threads per call of fewer than {M.wide_min} images (0: one per core).  1 leaves the other cores to "
+                   "gRPC and other batches.")
+@click.option("--wide-threads", default="auto", metavar="N|auto", type=_CountOrAuto("threads"),
+              help=f"onnxruntime threads per call of {M.wide_min} images or more, a second session (auto: the CPUs this "
+                   "process may use divided by --workers).")
 @click.option("--max-message-bytes", default=L.max_message_bytes, type=click.IntRange(1024), help="gRPC message size limit, both directions.")
 @click.option("--max-images-per-request", default=L.max_images_per_request, type=click.IntRange(1), help="More images in one request are refused.")
 @click.option("--max-pixels", default=L.max_pixels, type=click.IntRange(1), help="Largest decoded image (width x height): no decompression bombs.")
@@ -473,11 +480,11 @@ class _Workers(click.ParamType):
               help="Every this many seconds, check whether the model, token or TLS files changed on disk, and "
                    "reload as SIGHUP does when one did (Kubernetes updates a mounted Secret's files and sends no "
                    "signal).  0: reload only on SIGHUP.")
-@click.option("--workers", default=str(S.workers), metavar="N|auto", type=_Workers(),
+@click.option("--workers", default=str(S.workers), metavar="N|auto", type=_CountOrAuto("workers"),
               help="Worker processes sharing the ports, each with its own batcher and onnxruntime session, under "
                    "one parent that replaces a worker that dies and passes on SIGTERM and SIGHUP (auto: one per "
-                   "CPU this process may use: its CPU affinity, within its cgroup's CPU quota).  Each worker computes with --intra-op-threads threads: keep "
-                   "workers x threads at most the cores.")
+                   "CPU this process may use: its CPU affinity, within its cgroup's CPU quota).  Each worker computes with "
+                   "--intra-op-threads and --wide-threads threads: keep workers x threads at most the cores.")
 @click.option("--metrics-dir", type=click.Path(file_okay=False, path_type=Path),
               help="With --workers and --metrics-port: the folder where each worker leaves its counters for the "
                    "parent's /metrics (a writable mount, e.g. an emptyDir; default: a new temporary folder).")
@@ -489,11 +496,13 @@ class _Workers(click.ParamType):
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Log level of the server's own messages.")
 def serve_command(model, host, port, http_port, no_http, http_idle_timeout, cors_origins, model_name, max_batch_size, max_queue_delay_us, max_queue_size, instances,
-                  batching, inline_max_images, alone_min_images, intra_op_threads, max_message_bytes, max_images_per_request, max_pixels,
+                  batching, inline_max_images, alone_min_images, intra_op_threads, wide_threads, max_message_bytes, max_images_per_request, max_pixels,
                   grace, metrics_port, tls_cert, tls_key, tls_client_ca, token_file, watch_interval, workers, metrics_dir, access_log,
                   otel_endpoint, log_level):
     """Serve an ONNX model over gRPC (network3.v1.DigitClassifier and the Triton/KServe v2 API) and
     HTTP (the v2 REST API, /v1 and a page)."""
+    workers = workers or cpu_count()
+    wide_threads = wide_threads or max(1, cpu_count() // workers)
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format=LOG_FORMAT if workers > 1 else "%(asctime)s %(levelname)s %(name)s: %(message)s")
     if bool(tls_cert) != bool(tls_key):
@@ -507,7 +516,7 @@ def serve_command(model, host, port, http_port, no_http, http_idle_timeout, cors
                                inline_max=inline_max_images, alone_min=alone_min_images),
         limits=Limits(max_images_per_request=max_images_per_request, max_pixels=max_pixels,
                       max_message_bytes=max_message_bytes),
-        model_options=ModelOptions(intra_op_threads=intra_op_threads),
+        model_options=ModelOptions(intra_op_threads=intra_op_threads, wide_threads=wide_threads),
         grace=grace, metrics_port=metrics_port, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
         token_file=token_file, access_log=access_log, http_idle_timeout=http_idle_timeout,
         cors_origins=tuple(cors_origins), watch_interval=watch_interval, workers=workers, metrics_dir=metrics_dir,

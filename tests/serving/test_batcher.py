@@ -78,6 +78,27 @@ def test_inline_result_is_the_models(model, x, mnist):
     assert b.stats.batches == {4: [1, pytest.approx(b.stats.compute.sum)]}
 
 
+def test_a_small_request_that_finds_the_batcher_idle_runs_at_once_and_one_that_waits_merges(model, x):
+    """Idle (nothing queued, nothing computing, no queue delay): a 2-image request is computed
+    within its own infer call, as a batch of its own, before infer's first await returns to the
+    loop.  With a queue delay it waits for others instead, and they go as one batch."""
+    async def main(delay_us):
+        b = DynamicBatcher(model, BatcherOptions(max_queue_delay_us=delay_us))
+        calls = [b.infer(x[i:i + 2]) for i in range(0, 6, 2)]
+        done = [asyncio.ensure_future(c) for c in calls]
+        await asyncio.sleep(0) if not delay_us else await asyncio.sleep(0.05)
+        states = [d.done() for d in done]
+        return b, states, await asyncio.gather(*done)
+
+    b, states, results = run(main(0))
+    assert states == [True, True, True]  # each ran in its own first step: nothing waited
+    assert {size: v[0] for size, v in b.stats.batches.items()} == {2: 3}
+    for i, (_, probs, _) in enumerate(results):
+        np.testing.assert_allclose(probs, model.predict(x[2 * i:2 * i + 2])[1], rtol=1e-5, atol=1e-6)
+    b, states, results = run(main(20_000))
+    assert {size: v[0] for size, v in b.stats.batches.items()} == {6: 1}
+
+
 def test_large_request_is_split_and_reassembled(model, x):
     async def main():
         b = DynamicBatcher(model, BatcherOptions(max_batch_size=64, inline_max=8))

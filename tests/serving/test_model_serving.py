@@ -157,6 +157,7 @@ def test_every_serve_option_has_its_environment_variable(onnx_model, tmp_path, m
     from click.testing import CliRunner
 
     from serving import server
+    from serving.workers import cpu_count
 
     got = []
 
@@ -180,6 +181,7 @@ def test_every_serve_option_has_its_environment_variable(onnx_model, tmp_path, m
     o = got.pop()
     assert (o.model, o.host, o.port, o.http_port, o.metrics_port, o.grace) == (onnx_model, "0.0.0.0", 7001, 7002, 7003, 31)
     assert (o.batcher.max_batch_size, o.batcher.batching, o.model_options.intra_op_threads) == (32, False, 2)
+    assert o.model_options.wide_threads == max(1, cpu_count())  # --wide-threads auto, one worker
     assert (o.limits.max_pixels, o.token_file, o.access_log, o.model_name) == (1000, token, False, "digits")
     assert o.cors_origins == ("https://a.example", "https://b.example")
     r = CliRunner().invoke(server.serve_command, ["--port", "7005"], env={**env, "NETWORK3_NO_HTTP": "1"})
@@ -187,6 +189,31 @@ def test_every_serve_option_has_its_environment_variable(onnx_model, tmp_path, m
     assert (got.pop().port, got) == (7005, [])  # (and no HTTP)
     r = CliRunner().invoke(server.serve_command, [], env={**env, "NETWORK3_PORT": "http"})
     assert r.exit_code == 2 and "(env var: 'NETWORK3_PORT'): 'http' is not a valid integer" in r.output and not got
+    r = CliRunner().invoke(server.serve_command, ["--wide-threads", "3"], env=env)
+    assert r.exit_code == 0 and got.pop().model_options.wide_threads == 3, r.output
+    for bad in ("0", "many"):
+        r = CliRunner().invoke(server.serve_command, ["--wide-threads", bad], env=env)
+        assert r.exit_code == 2 and f"{bad!r} is not a number of threads (1 or more) or auto" in r.output and not got
+
+
+def test_a_wide_session_computes_large_batches_with_the_same_answers(onnx_model, mnist):
+    """wide_threads: batches of wide_min images or more run on a second session with that many
+    threads; its answers are the narrow session's.  The same thread count needs no second one."""
+    from serving.model import ModelOptions, load_model
+    from serving.preprocess import pixels_to_input
+
+    narrow = load_model(onnx_model, ModelOptions(intra_op_threads=1))
+    wide = load_model(onnx_model, ModelOptions(intra_op_threads=1, wide_threads=2, wide_min=8))
+    assert narrow._wide is None and wide._wide is not None
+    assert load_model(onnx_model, ModelOptions(intra_op_threads=2, wide_threads=2))._wide is None
+    used = []
+    real_run = wide._wide.run
+    wide._wide = type("Spy", (), {"run": lambda self, *a: used.append(len(a[1]["images"])) or real_run(*a)})()
+    for n in (1, 7, 8, 64):
+        x = pixels_to_input(mnist.test_x[:n])
+        for got, want in zip(wide.predict(x), narrow.predict(x)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert used == [8, 64]
 
 
 # ------------------------------------------------------------------------------ launch --
