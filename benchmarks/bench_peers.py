@@ -196,7 +196,9 @@ def start(name: str, model: Path, venvs: Path, tmp: Path, timeout: float) -> Run
             {"name": MODEL_NAME, "implementation": "mlserver_onnx.OnnxDigits",
              "parameters": {"uri": str(model), "version": "1"}}, indent=2))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PEER_CODE), env.get("PYTHONPATH")) if p)
-        argv = [str(python.parent / "mlserver"), "start", str(folder)]
+        # The `mlserver` command through the venv's python (a console script's first line names
+        # the python it was installed with, which a venv moved or copied no longer has).
+        argv = [str(python), "-m", "mlserver.cli.main", "start", str(folder)]
         running = launch(name, argv, env, folder, log, f"127.0.0.1:{grpc_port}", timeout)
     else:
         raise ValueError(f"unknown server {name!r}")
@@ -287,7 +289,8 @@ def report(results: list[Result], skipped: dict[str, str], servers: dict[str, Ru
              f"{min(1.0, args.seconds / 4):g} s of warm-up; the servers one at a time; {wall_s:.0f} s in all",
              f"- model: {args.model.name}; onnxruntime's default options compute with {ort_threads} thread"
              f"{'s' if ort_threads != 1 else ''} here (counted, onnxruntime {ort_version}): KServe's and MLServer's "
-             f"sessions use them; network3 and the reference use 1 (their default)"]
+             f"sessions use them; the reference uses 1; network3 1 for batches under 8 images (--intra-op-threads) "
+             f"and its --wide-threads auto (the cores it may use) for larger ones"]
     described = {  # {} is the server's first note: its command line or its packages' versions
         "network3": "network3: `{}` (batcher, metrics, access log, HTTP on)",
         "kserve": "KServe ({}): `kserve.ModelServer(grpc_port=, http_port=)` with benchmarks/peers/kserve_onnx.py, "

@@ -1,6 +1,7 @@
 """Scaling benchmark: `network3 serve --workers N` for N = 1, 2, 4, ... up to the cores.
 
-For each N, one server (`--workers N --intra-op-threads 1 --no-http --metrics-port 0`) under
+For each N, one server (`--workers N --intra-op-threads 1 --wide-threads 1 --no-http --metrics-port 0`:
+one onnxruntime thread per worker at every batch size, so that N workers use N cores) under
 1-image requests at concurrency 4 x N and 64-image requests at 2 x N (--per-worker), the load generator on the
 same host; beside it the in-process onnxruntime ceiling (bench_serve.ceiling, one thread) and
 the ratio to N x one worker's throughput (issue 18's goal: at least 0.7 x N up to N = 8).
@@ -146,7 +147,7 @@ def report(results: list[tuple[int, Result, str]], ceil: dict[int, float], load:
     lines = [f"# Scaling benchmark ({time.strftime('%Y-%m-%d %H:%M %Z')})", "",
              f"- CPU: {cpu_line()}; {cores} cores this process may use ({os.cpu_count()} online)",
              f"- load generator: {load}, on the same host; {seconds:g} s per point",
-             f"- server: `--workers N --intra-op-threads 1 --no-http --metrics-port 0`, model {model}",
+             f"- server: `--workers N --intra-op-threads 1 --wide-threads 1 --no-http --metrics-port 0`, model {model}",
              "- in-process onnxruntime ceiling, one thread: " + ", ".join(f"batch {b}: {v:,.0f} images/s" for b, v in ceil.items()),
              "", "| workers | images/request | concurrency | requests/s | images/s | p50 ms | p99 ms "
              "| / (N x 1 worker) | / (N x ceiling) | per worker (min-max, workers seen) | |",
@@ -202,7 +203,7 @@ def main() -> None:
         log = Path(tmp) / "server.log"
         for n in worker_counts(args.max_workers):
             print(f"{n} worker(s): starting ...", file=sys.stderr, flush=True)
-            server = ServerProcess(args.model, "--workers", str(n), "--intra-op-threads", "1", "--no-http",
+            server = ServerProcess(args.model, "--workers", str(n), "--intra-op-threads", "1", "--wide-threads", "1", "--no-http",
                                    "--metrics-port", "0", log=log, timeout=300)
             try:
                 for images in SIZES:

@@ -6,7 +6,8 @@
   * `network3 --no-batching`: the same, each request run on its own.
 
 Each at concurrency 1, 16 and 64 with 1-image and 64-image requests (all-zero FP32 input: the
-default random bytes are NaN and 3e38 as FP32, which the server rightly refuses).  Prints a
+default random bytes are NaN and 3e38 as FP32, which the server rightly refuses), each point on
+every server in turn, `--rounds` times (the mean is reported, each round's requests/s beside it).  Prints a
 markdown table (requests/s, images/s, p50, p99), the issue's goals as ratios within this one
 run, and a profile of where one 1-image request's time goes.
 
@@ -84,6 +85,17 @@ def run_perf(binary, env, address: str, images: int, concurrency: int, interval_
     infer_s = float(row["Inferences/Second"])
     return Result(server, images, concurrency, infer_s / images, float(row["p50 latency"]) / 1000,
                   float(row["p99 latency"]) / 1000, row, note)
+
+
+def combined(rounds: list[Result]) -> Result:
+    """One point's rounds on one server: the mean of each figure; the rounds' requests/s in the note."""
+    first = rounds[0]
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    notes = {r.note for r in rounds if r.note}
+    spread = "/".join(f"{r.requests_s:,.0f}" for r in rounds) if len(rounds) > 1 else ""
+    return Result(first.server, first.images, first.concurrency, mean([r.requests_s for r in rounds]),
+                  mean([r.p50_ms for r in rounds]), mean([r.p99_ms for r in rounds]), first.row,
+                  " ".join(([f"rounds {spread} req/s"] if spread else []) + sorted(notes)))
 
 
 # ---------------------------------------------------------------------------- servers --
@@ -214,6 +226,7 @@ def main() -> None:
     ap.add_argument("--servers", default="reference,network3,network3 --no-batching")
     ap.add_argument("--interval-ms", type=int, default=3000, help="perf_analyzer measurement window")
     ap.add_argument("--intra-op-threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2, help="measurements of each point on each server, interleaved")
     ap.add_argument("--quick", action="store_true", help="short windows, for a smoke run")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results" / "serve.md")
     args = ap.parse_args()
@@ -234,16 +247,26 @@ def main() -> None:
               + ", ".join(f"batch {b}, {t} thread{'s' if t > 1 else ''}: {v:,.0f}"
                           for b, c in ((1, ceil1), (64, ceil64)) for t, v in c.items()), ""]
 
+    # Every server runs from the start (an idle one costs nothing), and each point is measured
+    # on each server in turn, `--rounds` times, the order reversed every other round: a machine
+    # whose speed drifts over the minutes (a shared virtual machine) then biases no server.
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in servers:
-            server = start_server(kind, args.model, args.intra_op_threads, Path(tmp) / "server.log")
-            try:
-                for images in sizes:
-                    for c in conc:
-                        print(f"{kind}: {images} image(s)/request, concurrency {c} ...", file=sys.stderr, flush=True)
-                        results.append(run_perf(binary, env, server.address, images, c, interval, kind))
-            finally:
+        running = {}
+        try:
+            for i, kind in enumerate(servers):
+                running[kind] = start_server(kind, args.model, args.intra_op_threads, Path(tmp) / f"server{i}.log")
+            for images in sizes:
+                for c in conc:
+                    runs: dict[str, list[Result]] = {kind: [] for kind in servers}
+                    for r in range(args.rounds):
+                        for kind in (servers if r % 2 == 0 else servers[::-1]):
+                            print(f"{kind}: {images} image(s)/request, concurrency {c}, round {r + 1} ...",
+                                  file=sys.stderr, flush=True)
+                            runs[kind].append(run_perf(binary, env, running[kind].address, images, c, interval, kind))
+                    results += [combined(runs[kind]) for kind in servers]
+        finally:
+            for server in running.values():
                 server.stop()
 
     lines += ["| server | images/request | concurrency | requests/s | images/s | p50 ms | p99 ms | |",

@@ -2,7 +2,8 @@
 
     python benchmarks/bench_threads.py models/default.onnx
 
-The figures behind `network3 serve --intra-op-threads` (docs/results.md); a quiet machine only.
+The figures behind `network3 serve --intra-op-threads` and `--wide-threads` (from which batch
+size more threads pay: serving.model.ModelOptions.wide_min; docs/results.md); a quiet machine only.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from serving.model import ModelOptions, load_model  # noqa: E402
 def main(path: str) -> None:
     models = {threads: load_model(path, ModelOptions(intra_op_threads=threads)) for threads in (1, 0)}
     print("| batch | 1 thread (µs) | one per core (µs) | one per core / 1 thread |\n|---:|---:|---:|---:|")
-    for n in (1, 8, 64, 256):
+    for n in (1, 2, 4, 8, 16, 64, 256):
         x = np.random.default_rng(0).random((n, *INPUT_SHAPE), dtype=np.float32)
         number = max(1, 2000 // n)
         us = [min(timeit.repeat(lambda m=m: m.predict(x), number=number, repeat=7)) / number * 1e6
