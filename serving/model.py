@@ -32,10 +32,11 @@ class ModelOptions:
     # onnxruntime for one thread per core.  (Figures: docs/results.md.)
     intra_op_threads: int = 1
     # A batch of at least `wide_min` images runs on a second session with `wide_threads`
-    # threads (None: no second session).  Threads pay from about 4 images up (one onnxruntime
-    # thread against two, in-process, EPYC: 75 against 62 us an image at 4, 64 against 39 at 64;
-    # at 1 image two cost more); batches that large come mostly from large requests, computed
-    # in an executor thread while the event loop goes on.  The server asks for the cores each
+    # threads (None: no second session).  Threads pay from a few images up (two onnxruntime
+    # threads against one, in-process, EPYC, benchmarks/bench_threads.py: 0.82x the time at 4
+    # and 8 images, 0.55x at 64, 1.01-1.22x at 1); 8 leaves a margin for the cores gRPC uses.
+    # Batches that large come mostly from large requests, computed in an executor thread while
+    # the event loop goes on.  The server asks for the cores each
     # worker has (serve --wide-threads auto; docs/results.md).  KServe's lesson: it served
     # 64-image requests faster by computing each with every core.
     wide_threads: int | None = None
