@@ -90,7 +90,7 @@ def writer(seed: int) -> dict:
     return {
         "size": float(rng.uniform(0.5, 0.85)),        # the digit's height over the pad's
         "aspect": float(rng.uniform(0.6, 1.05)),      # width over height, against the template's
-        "slant": float(rng.uniform(-0.35, 0.12)),     # shear: negative leans the top to the right
+        "slant": float(rng.uniform(-0.12, 0.35)),     # shear: positive leans the top to the right
         "rotate": float(rng.normal(0, 4)),            # degrees
         "dx": float(rng.uniform(-0.12, 0.12)),        # the centre's offset, in pads
         "dy": float(rng.uniform(-0.1, 0.1)),
