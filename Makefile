@@ -15,7 +15,7 @@ TRAIN_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help install install-gpu install-serving data train evaluate export serve classify demo test test-serving lint protos \
-	book bench bench-train bench-export bench-serve bench-scale bench-http bench-peers perf-analyzer-deps bench-client bench-preprocess soak fuzz image image-test clean
+	book bench bench-train bench-export bench-serve bench-scale bench-http bench-peers perf-analyzer-deps bench-client bench-preprocess bench-mouse mouse-set soak fuzz image image-test clean
 .DEFAULT_GOAL := help
 
 # `make` and `make help`: every target with the one line after its `##`.
@@ -193,6 +193,14 @@ bench-client: install ## 10,000 PNG files through the server and with --local
 bench-preprocess: install ## the photo pipeline on digits that never came from MNIST
 	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
 	$(PY) benchmarks/preprocess_report.py --model $(MODEL)
+
+bench-mouse: install-serving ## the model on the recorded mouse-drawn digits, drawn again on the page in headless Chromium
+	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
+	$(VENV_SERVING)/bin/python benchmarks/mouse_set.py score --model $(MODEL)
+
+mouse-set: install-serving ## record tests/data/mouse/ again: 200 mouse-drawn digits on the page (a test set: never train on it)
+	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
+	$(VENV_SERVING)/bin/python benchmarks/mouse_set.py record --model $(MODEL)
 
 # ---- reliability ----
 # Hostile input with a longer budget than `make test` gives it: FUZZ_EXAMPLES fresh random
