@@ -168,8 +168,9 @@ def missing() -> str | None:
     return None
 
 
-def browser(profile: str | Path):
-    """Headless Chromium as tests/serving/test_web.py starts it."""
+def browser(profile: str | Path, console_log: bool = False):
+    """Headless Chromium (tests/serving/test_web.py's too); `console_log` keeps the page's
+    console messages for driver.get_log("browser")."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -179,6 +180,8 @@ def browser(profile: str | Path):
                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
                 "--window-size=900,800", f"--user-data-dir={profile}"):
         options.add_argument(arg)
+    if console_log:
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
     return driver

@@ -17,23 +17,11 @@ from pathlib import Path
 import pytest
 
 from fixtures_serving import ROOT, png
+from mouse_digits import browser as start_browser, missing
 from test_v1 import http_server, predict
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 SCREENSHOT = Path("/tmp/network3-page.png")
 WEB_FILES = ("index.html", "app.js", "style.css")
-
-
-def _missing() -> str | None:
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if not Path(path).exists():
-            return f"{path} is not installed (apt-get install chromium chromium-driver)"
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed (pip install .[test])"
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -50,21 +38,10 @@ def model(onnx_model):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    why = _missing()
+    why = missing()
     if why:
         pytest.skip(why)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-                "--window-size=900,800", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
+    driver = start_browser(tmp_path_factory.mktemp("chromium"), console_log=True)
     try:
         yield driver
     finally:
