@@ -36,9 +36,9 @@ class ModelOptions:
     # threads against one, in-process, EPYC, benchmarks/bench_threads.py: 0.82x the time at 4
     # and 8 images, 0.55x at 64, 1.01-1.22x at 1); 8 leaves a margin for the cores gRPC uses.
     # Batches that large come mostly from large requests, computed in an executor thread while
-    # the event loop goes on.  The server asks for the cores each
-    # worker has (serve --wide-threads auto; docs/results.md).  KServe's lesson: it served
-    # 64-image requests faster by computing each with every core.
+    # the event loop goes on.  The server asks for the cores each worker has (serve
+    # --wide-threads auto; docs/results.md).  KServe's lesson: it served 64-image requests
+    # faster by computing each with every core.
     wide_threads: int | None = None
     wide_min: int = 8
     providers: tuple[str, ...] | None = None  # None: CUDA when present, else CPU
