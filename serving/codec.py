@@ -14,7 +14,8 @@ The gRPC servicer (serving.api.inference), the benchmarks and an HTTP front end 
     top k as "<value>:<index>:<label>", most probable first (model.top_k);
     `bytes_tensor(strings)` serializes BYTES elements as raw contents do.
   * `response(request, outputs, logits, probabilities, labels, model_name, model_version)`:
-    the ModelInferResponse, outputs in `raw_output_contents` (what tritonclient reads).
+    the ModelInferResponse, serialized, outputs in `raw_output_contents` (what tritonclient
+    reads); `stream_response(response)` wraps it for ModelStreamInfer.
 
 The REST (HTTP/JSON) form of the same, with Triton's binary tensor data extension:
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import struct
 from typing import Iterable, NamedTuple, Sequence
@@ -59,7 +61,9 @@ _ONE_BITS = 0x3F800000  # 1.0f as uint32
 def images_declared(request: pb.ModelInferRequest, limit: int = 1 << 31) -> int:
     """The images a request declares, for the counters: 0 for a batch size we refuse, so that a
     hostile shape ([-2**63, ...] or [2**62, ...]) cannot move them."""
-    n = int(request.inputs[0].shape[0]) if request.inputs and request.inputs[0].shape else 0
+    inputs = request.inputs
+    shape = inputs[0].shape if inputs else ()
+    n = shape[0] if shape else 0
     return n if 0 < n <= limit else 0
 
 
@@ -72,9 +76,8 @@ def check_input(name: str, datatype: str, shape: Sequence[int], max_images: int)
     if datatype == BYTES:
         raise InvalidInput(f"input {INPUT_NAME!r}: datatype BYTES (encoded image files) is the input of model "
                            f"{IMAGE_MODEL_NAME!r}; this model takes FP32 (in [0, 1]) or UINT8 {INPUT_DIMS}")
-    shape = list(shape)
-    if len(shape) != 1 + len(INPUT_SHAPE) or shape[1:] != list(INPUT_SHAPE) or shape[0] < 1:
-        raise InvalidInput(f"input {INPUT_NAME!r}: shape {shape}, expected {INPUT_DIMS} with N >= 1")
+    if len(shape) != 1 + len(INPUT_SHAPE) or tuple(shape[1:]) != INPUT_SHAPE or shape[0] < 1:
+        raise InvalidInput(f"input {INPUT_NAME!r}: shape {list(shape)}, expected {INPUT_DIMS} with N >= 1")
     n = shape[0]
     if n > max_images:
         raise TooLarge(f"input {INPUT_NAME!r}: {n} images in one request, over --max-images-per-request {max_images}")
@@ -121,7 +124,8 @@ def _checked_unit_range(values: np.ndarray, n: int) -> np.ndarray:
     x = values.reshape(n, *INPUT_SHAPE)
     # One reduction in the common case: as uint32, +0.0..1.0 are exactly 0..0x3F800000 and
     # negatives, NaN and infinity are all larger.  Only a failure looks closer (-0.0 passes).
-    if values.view(np.uint32).max() > _ONE_BITS and not (x.min() >= 0.0 and x.max() <= 1.0):
+    # (np.maximum.reduce: the same reduction as .max() without its Python wrapper, 0.5 us less.)
+    if np.maximum.reduce(values.view(np.uint32)) > _ONE_BITS and not (x.min() >= 0.0 and x.max() <= 1.0):
         if np.isnan(x).any():
             what = "NaN"
         elif np.isinf(x).any():
@@ -293,13 +297,18 @@ def bytes_tensor(rows: Iterable[Iterable[str]]) -> bytes:
 def output_tensor(name: str, k: int, logits: np.ndarray, probs: np.ndarray, labels: Sequence[str], raw: bool = True):
     """(name, datatype, shape, data) of one requested output: data as raw bytes, or (raw=False)
     as a flat list of values (JSON)."""
-    n = len(logits)
     values = logits if name == OUTPUT_NAMES[0] else probs
+    datatype, shape = output_spec(k, len(values))
     if not k:
-        data = values.astype("<f4", copy=False).tobytes() if raw else values.ravel().tolist()
-        return name, "FP32", [n, CLASSES], data
+        return name, datatype, shape, values.astype("<f4", copy=False).tobytes() if raw else values.ravel().tolist()
     rows = classification(values, k, labels)
-    return name, "BYTES", [n, k], bytes_tensor(rows) if raw else [s for row in rows for s in row]
+    return name, datatype, shape, bytes_tensor(rows) if raw else [s for row in rows for s in row]
+
+
+def output_spec(k: int, n: int) -> tuple[str, list[int]]:
+    """Datatype and shape of an output for N images: FP32 [N, 10], or with the classification
+    extension's k, BYTES [N, k]."""
+    return ("BYTES", [n, k]) if k else ("FP32", [n, CLASSES])
 
 
 def output_tensors(outputs: list[tuple[str, int]], logits: np.ndarray, probs: np.ndarray, labels: Sequence[str]):
@@ -308,12 +317,60 @@ def output_tensors(outputs: list[tuple[str, int]], logits: np.ndarray, probs: np
 
 
 def response(request: pb.ModelInferRequest, outputs: list[tuple[str, int]], logits: np.ndarray, probs: np.ndarray,
-             labels: Sequence[str], model_name: str, model_version: str) -> pb.ModelInferResponse:
-    T = pb.ModelInferResponse.InferOutputTensor
+             labels: Sequence[str], model_name: str, model_version: str) -> bytes:
+    """The ModelInferResponse, serialized (what the gRPC servicer sends as it is).
+
+    Building the message and serializing it cost about 9.5 us for a 1-image request, a large
+    part of the event loop's time per request at high concurrency.  So the part that repeats
+    (model name, version, the outputs' names, datatypes and shapes) is built by protobuf once
+    per (model, outputs asked for, N) and kept serialized, and the per-request fields (`id`,
+    `raw_output_contents`) are appended as bytes: the wire format lets a message's fields come
+    in any order, so this parses to exactly the message protobuf would build (0.6 us).
+    """
     tensors = output_tensors(outputs, logits, probs, labels)
-    return pb.ModelInferResponse(model_name=model_name, model_version=model_version, id=request.id,
-                                 outputs=[T(name=name, datatype=dt, shape=shape) for name, dt, shape, _ in tensors],
-                                 raw_output_contents=[raw for *_, raw in tensors])
+    parts = [_response_head(model_name, model_version, tuple(outputs), len(logits))]
+    if request.id:
+        rid = request.id.encode()
+        parts += (_field_head(_RESPONSE_ID, len(rid)), rid)
+    for *_, raw in tensors:
+        parts += (_field_head(_RESPONSE_RAW, len(raw)), raw)
+    return b"".join(parts)
+
+
+# Field numbers of ModelInferResponse (protos/inference/grpc_service.proto) written by hand.
+_RESPONSE_ID = pb.ModelInferResponse.ID_FIELD_NUMBER
+_RESPONSE_RAW = pb.ModelInferResponse.RAW_OUTPUT_CONTENTS_FIELD_NUMBER
+_STREAM_RESPONSE = pb.ModelStreamInferResponse.INFER_RESPONSE_FIELD_NUMBER
+
+
+@functools.lru_cache(maxsize=1024)
+def _response_head(model_name: str, model_version: str, outputs: tuple, n: int) -> bytes:
+    """The fields of a response that depend only on the model, the outputs asked for and N."""
+    T = pb.ModelInferResponse.InferOutputTensor
+    tensors = []
+    for name, k in outputs:
+        datatype, shape = output_spec(k, n)
+        tensors.append(T(name=name, datatype=datatype, shape=shape))
+    return pb.ModelInferResponse(model_name=model_name, model_version=model_version,
+                                 outputs=tensors).SerializeToString()
+
+
+def stream_response(infer_response: bytes) -> bytes:
+    """A serialized ModelInferResponse wrapped as a ModelStreamInferResponse, serialized."""
+    return _field_head(_STREAM_RESPONSE, len(infer_response)) + infer_response
+
+
+def _field_head(number: int, length: int) -> bytes:
+    """The head of a length-delimited protobuf field: its tag (wire type 2; field numbers under
+    16 fit in one byte), then the payload's length as a varint."""
+    if length < 0x80:
+        return bytes(((number << 3) | 2, length))
+    head = bytearray(((number << 3) | 2,))
+    while length > 0x7F:
+        head.append((length & 0x7F) | 0x80)
+        length >>= 7
+    head.append(length)
+    return bytes(head)
 
 
 # --------------------------------------------------------------------- REST: JSON and binary --

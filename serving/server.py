@@ -151,7 +151,8 @@ def _refuse(handler, message: str):
 
 
 def _serialize(response) -> bytes:
-    return response.SerializeToString()
+    # ModelInfer's answers come serialized already (codec.response: the per-request cost).
+    return response if type(response) is bytes else response.SerializeToString()
 
 
 def add_service(server, service, servicer) -> None:

@@ -75,7 +75,7 @@ class InferenceServicer(Servicer, pb_grpc.GRPCInferenceServiceServicer):
     # -- inference --------------------------------------------------------------------------
 
     @rpc(pb.ModelInferRequest, images=_images, model_call=True, request_id=lambda r: r.id)
-    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> bytes:
         return await self._infer(request, deadline_of(context))
 
     @rpc(pb.ModelInferRequest, images=_images)
@@ -86,7 +86,7 @@ class InferenceServicer(Servicer, pb_grpc.GRPCInferenceServiceServicer):
         async def one(request):
             t0 = now()
             try:
-                response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
+                response = codec.stream_response(await self._infer(request, deadline))
                 stats.record_model_request(True, now() - t0)
                 return response
             except Network3Error as e:
@@ -97,7 +97,9 @@ class InferenceServicer(Servicer, pb_grpc.GRPCInferenceServiceServicer):
         async for response in pipelined(request_iterator, one):
             yield response
 
-    async def _infer(self, request: pb.ModelInferRequest, deadline) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, deadline) -> bytes:
+        """The serialized ModelInferResponse (codec.response): ModelInfer and ModelStreamInfer
+        send it as it is."""
         s = self.serving
         encoded = check_model(s, request.model_name, request.model_version)
         limit = s.limits.max_images_per_request

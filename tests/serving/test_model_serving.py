@@ -93,12 +93,37 @@ def test_response_carries_the_requested_outputs():
     logits = np.arange(20, dtype=np.float32).reshape(2, 10)
     probs = np.eye(10, dtype=np.float32)[[3, 7]]
     request = v2.ModelInferRequest(id="r9")
-    r = codec.response(request, [("logits", 0), ("probabilities", 1)], logits, probs, LABELS, "network3", "1")
+    r = v2.ModelInferResponse.FromString(
+        codec.response(request, [("logits", 0), ("probabilities", 1)], logits, probs, LABELS, "network3", "1"))
     assert r.id == "r9" and (r.model_name, r.model_version) == ("network3", "1")
     assert [(o.name, o.datatype, list(o.shape)) for o in r.outputs] == [("logits", "FP32", [2, 10]),
                                                                         ("probabilities", "BYTES", [2, 1])]
     np.testing.assert_array_equal(np.frombuffer(r.raw_output_contents[0], "<f4").reshape(2, 10), logits)
     assert b"1.000000:3:3" in r.raw_output_contents[1] and b"1.000000:7:7" in r.raw_output_contents[1]
+
+
+@pytest.mark.parametrize("n, rid, outputs", [
+    (1, "", [("logits", 0), ("probabilities", 0)]),
+    (256, "é" * 300, [("probabilities", 3)]),  # lengths over 127 and 16383: two- and three-byte varints
+    (7, "r", [("probabilities", 0), ("logits", 10)]),
+])
+def test_response_bytes_parse_to_the_message_protobuf_builds(n, rid, outputs):
+    """codec.response appends id and raw contents by hand after a cached head: the result must
+    be, byte for byte once parsed, the message built field by field."""
+    from protos.inference import grpc_service_pb2 as v2
+
+    rng = np.random.default_rng(n)
+    logits = rng.normal(size=(n, 10)).astype(np.float32)
+    probs = rng.dirichlet(np.ones(10), size=n).astype(np.float32)
+    wire = codec.response(v2.ModelInferRequest(id=rid), outputs, logits, probs, LABELS, "m", "7")
+    tensors = codec.output_tensors(outputs, logits, probs, LABELS)
+    T = v2.ModelInferResponse.InferOutputTensor
+    expected = v2.ModelInferResponse(model_name="m", model_version="7", id=rid,
+                                     outputs=[T(name=a, datatype=b, shape=c) for a, b, c, _ in tensors],
+                                     raw_output_contents=[raw for *_, raw in tensors])
+    assert v2.ModelInferResponse.FromString(wire) == expected
+    stream = v2.ModelStreamInferResponse.FromString(codec.stream_response(wire))
+    assert stream.infer_response == expected and not stream.error_message
 
 
 def test_images_declared_ignores_hostile_shapes():
