@@ -57,10 +57,12 @@ evaluate: install ## test accuracy and confusion matrix of runs/PRESET/best.pt
 	$(BIN)/network3-train evaluate runs/$(PRESET)/best.pt
 
 test: install ## every test, training and serving (under 15 minutes on 2 cores)
+	$(PY) tests/uci.py
 	$(PY) -m pytest -q
 
 # The serving tests where a server host stands: no PyTorch installed, a model built without it.
 test-serving: install-serving ## the serving, client and protocol tests without PyTorch (.venv-serving)
+	$(VENV_SERVING)/bin/python tests/uci.py
 	NETWORK3_SERVING_ONLY=1 $(VENV_SERVING)/bin/python -m pytest -q tests/serving
 
 lint: install ## ruff (pyflakes' checks) and the import-cycle check
@@ -192,6 +194,7 @@ bench-client: install ## 10,000 PNG files through the server and with --local
 # How the photo pipeline fares on digits that never came from MNIST (a table in docs/results.md).
 bench-preprocess: install ## the photo pipeline on digits that never came from MNIST
 	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
+	$(PY) tests/uci.py
 	$(PY) benchmarks/preprocess_report.py --model $(MODEL)
 
 bench-mouse: install-serving ## the model on the recorded mouse-drawn digits, drawn again on the page in headless Chromium

@@ -26,6 +26,8 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from serving.contract import SIDE
 
+import uci  # tests/uci.py: the UCI digits' file
+
 Item = tuple[bytes, int]
 
 
@@ -249,17 +251,9 @@ def pen_set(n: int, kind: str, seed: int = 0) -> list[Item]:
 
 
 def uci_digits_path() -> Path | None:
-    """The UCI/sklearn handwritten digits (1,797 8x8 images by 43 writers, none of them in MNIST)
-    if scikit-learn is installed here, or $NETWORK3_UCI_DIGITS points at digits.csv.gz."""
-    env = os.environ.get("NETWORK3_UCI_DIGITS")
-    if env and Path(env).exists():
-        return Path(env)
-    try:
-        import sklearn  # noqa: F401  (only to find its data folder; never imported by the project)
-    except ImportError:
-        return None
-    p = Path(sklearn.__file__).parent / "datasets" / "data" / "digits.csv.gz"
-    return p if p.exists() else None
+    """The UCI/sklearn handwritten digits (1,797 8x8 images by 43 writers, none of them in MNIST):
+    see tests/uci.py (fetched by `make test`; $NETWORK3_UCI_DIGITS names another copy)."""
+    return uci.path()
 
 
 def uci_set(path: Path, kind: str = "scan") -> Iterator[Item]:
