@@ -30,6 +30,16 @@ INPUT_CONTRACT = {
     "centring": "MNIST: fit into 20x20 keeping aspect ratio, centre of mass at the centre of 28x28",
 }
 
+# ---- telling a confident answer from a guess (serving.unsure) ----
+# The metadata key of a model's threshold: an answer whose top probability is below it is
+# flagged `unsure`.  Export writes it, calibrated on that model's own outputs, because the scale
+# of its confidences is a property of the recipe (label smoothing, ensembling, int8), not a
+# constant: see serving/unsure.py for the rule.
+UNSURE_KEY = "unsure_below"
+# The calibration target: the fraction of MNIST's test digits the threshold flags.  At 1% the
+# default model flagged only 44% of letters; at 2% most (benchmarks/unsure_report.py).
+UNSURE_RATE = 0.02
+
 # ---- the model's name on the v2 (KServe / Triton) API ----
 MODEL_NAME = "network3"
 MODEL_VERSION = "1"
