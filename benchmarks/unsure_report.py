@@ -115,7 +115,7 @@ def main() -> None:
     print(f"half-split check: the threshold from MNIST test[:5000] ({half:.4f}) flags "
           f"{np.mean(test_probs[5000:].max(1) < half):.2%} of test[5000:] (target {UNSURE_RATE:.0%})")
 
-    sets = {"MNIST test, 28x28 PNG (export calibrates on these)": ("digits", None, list(mnist.test_y))}
+    sets = {"MNIST test PNGs (export calibrates on them)": ("digits", None, list(mnist.test_y))}
     sets.update(build_sets(a.split, a.n, mnist))
     head = f"{'set':<46}{'images':>7}{'failed':>7}{'blank':>7}  {'top answer':<11}{'conf p10':>9}{'p50':>7}"
     head += "".join(f"{'flag@' + k:>12}" for k in thresholds) + f"{'acc all':>9}{'acc sure':>9}"
