@@ -15,7 +15,7 @@ TRAIN_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help install install-gpu install-serving data train evaluate export serve classify demo test test-serving lint protos \
-	book bench bench-train bench-export bench-serve bench-scale bench-http bench-peers perf-analyzer-deps bench-client bench-preprocess bench-mouse mouse-set soak fuzz image image-test clean
+	book bench bench-train bench-export bench-serve bench-scale bench-http bench-peers perf-analyzer-deps bench-client bench-preprocess bench-unsure bench-mouse mouse-set soak fuzz image image-test clean
 .DEFAULT_GOAL := help
 
 # `make` and `make help`: every target with the one line after its `##`.
@@ -70,7 +70,7 @@ lint: install ## ruff (pyflakes' checks) and the import-cycle check
 	$(PY) ../shared/tools/imports.py . training serving
 
 # Every bench-* target, in one go (a quiet machine only: a benchmark is void while anything else runs).
-bench: bench-train bench-export bench-serve bench-scale bench-http bench-peers bench-client bench-preprocess ## every bench-* target (a quiet machine only)
+bench: bench-train bench-export bench-serve bench-scale bench-http bench-peers bench-client bench-preprocess bench-unsure ## every bench-* target (a quiet machine only)
 
 # The book's table: every nielsen-* preset x 3 seeds into runs/book/, resumable: run it again
 # after an interruption (hours on a CPU; BOOK_ARGS="--workers 6" on a GPU box, DEVICE=cuda).
@@ -196,6 +196,13 @@ bench-preprocess: install ## the photo pipeline on digits that never came from M
 	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
 	$(PY) tests/uci.py
 	$(PY) benchmarks/preprocess_report.py --model $(MODEL)
+
+# What the service answers on letters, blank pages and noise, and what the `unsure` flag catches
+# (UNSURE_SPLIT=calibration: the sets the rule and rate were chosen on, several rates).
+UNSURE_SPLIT ?= held-out
+bench-unsure: install ## letters, blank and noise images vs real digits: answers and the unsure flag
+	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }
+	$(PY) benchmarks/unsure_report.py --model $(MODEL) --split $(UNSURE_SPLIT)
 
 bench-mouse: install-serving ## the model on the recorded mouse-drawn digits, drawn again on the page in headless Chromium
 	@test -f $(MODEL) || { echo "$(MODEL): no model; run 'make train export PRESET=$(PRESET)' first" >&2; exit 1; }

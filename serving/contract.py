@@ -30,6 +30,18 @@ INPUT_CONTRACT = {
     "centring": "MNIST: fit into 20x20 keeping aspect ratio, centre of mass at the centre of 28x28",
 }
 
+# ---- telling a confident answer from a guess (serving.unsure) ----
+# The metadata key of a model's threshold: an answer whose top probability is below it is
+# flagged `unsure`.  Export writes it, calibrated on that model's own outputs, because the scale
+# of its confidences is a property of the recipe (label smoothing, ensembling, int8), not a
+# constant: see serving/unsure.py for the rule.
+UNSURE_KEY = "unsure_below"
+# The calibration target: the fraction of MNIST's test digits the threshold flags.  Chosen on
+# `benchmarks/unsure_report.py --split calibration` with the 99.62% default: at 1% only 55% of
+# letters and 54-70% of noise were flagged, at 2% 73-74% and 66-82%, for 3-8% of photographed,
+# pen and font digits flagged instead of 1-4% (they are less typical than MNIST's own).
+UNSURE_RATE = 0.02
+
 # ---- the model's name on the v2 (KServe / Triton) API ----
 MODEL_NAME = "network3"
 MODEL_VERSION = "1"

@@ -39,8 +39,9 @@ class LocalClassifier(Classifier):
     def _predict(self, items: list[Item], top_k: int | None, ids=None) -> list[Prediction]:
         pixels, errors = preprocess.decode_many(items)
         good = [i for i, e in enumerate(errors) if e is None]
-        probs = self.model.predict(preprocess.pixels_to_input(pixels[good]))[1] if good else np.zeros((0, CLASSES))
-        out = _rows(probs, self.model.labels, top_k)
+        x = preprocess.pixels_to_input(pixels[good])
+        probs = self.model.predict(x)[1] if good else np.zeros((0, CLASSES))
+        out = _rows(probs, self.model.unsure(x, probs), self.model.labels, top_k)
         rows = iter(out)
         answers = [next(rows) if e is None else _failed(e) for e in errors]
         for p, id in zip(answers, ids or ()):
@@ -75,13 +76,13 @@ class LocalClassifier(Classifier):
                 yield from pending.popleft().result()
 
 
-def _rows(probs: np.ndarray, labels, top_k: int | None) -> list[Prediction]:
-    """Probabilities [N, 10] -> one Prediction per row, with the top k when asked."""
+def _rows(probs: np.ndarray, unsure: np.ndarray, labels, top_k: int | None) -> list[Prediction]:
+    """Probabilities [N, 10] and unsure flags [N] -> one Prediction per row, with the top k when asked."""
     from .model import top_k as best  # loaded already: the model is
 
     digits = probs.argmax(1).tolist() if len(probs) else []
     rows = probs.tolist()
     best_k = best(probs, top_k)[0].tolist() if top_k and len(probs) else None
-    return [Prediction(digit=d, probability=row[d], probabilities=row, label=labels[d],
+    return [Prediction(digit=d, probability=row[d], probabilities=row, label=labels[d], unsure=u,
                        top_k=[(j, row[j]) for j in best_k[k]] if best_k else [])
-            for k, (d, row) in enumerate(zip(digits, rows))]
+            for k, (d, row, u) in enumerate(zip(digits, rows, unsure.tolist()))]

@@ -2,7 +2,8 @@
 
 The file is read once into memory: its sha256 is of exactly the bytes the session runs, and a
 file replaced while we serve changes nothing until a reload.  Everything the server needs to
-know about the model (labels, input contract, provenance) comes from the file's metadata_props.
+know about the model (labels, input contract, provenance, the `unsure` threshold) comes from the
+file's metadata_props.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .contract import CLASSES, INPUT_NAME, INPUT_SHAPE, LABELS, OUTPUT_NAMES
+from .contract import CLASSES, INPUT_NAME, INPUT_SHAPE, LABELS, OUTPUT_NAMES, UNSURE_KEY
 from .errors import BadModel
+from .unsure import flags, threshold_of
 
 INPUT_DIMS = f"[N, {', '.join(map(str, INPUT_SHAPE))}]"  # as messages write the input's shape
 OUTPUT_DIMS = f"[N, {CLASSES}]"
@@ -78,6 +80,9 @@ class OnnxModel:
     loaded_at: float = 0.0  # time.time() when the load finished
     metadata: dict[str, str] = field(default_factory=dict)
     labels: list[str] = field(default_factory=list)
+    # Answers with a lower top probability are flagged unsure (serving.unsure); None: the file
+    # has no threshold, so only blank inputs are.
+    unsure_below: float | None = None
     providers: list[str] = field(default_factory=list)
     ready: bool = False
     # Shapes as the file declares them, a symbolic (batch) dimension as -1.
@@ -107,6 +112,11 @@ class OnnxModel:
             self._wide = self._open(data, wide, providers)
         self.metadata = dict(session.get_modelmeta().custom_metadata_map)
         self.labels = self._read_labels()
+        self.unsure_below = threshold_of(self.metadata, str(self.path))
+        if self.unsure_below is None:
+            logging.getLogger("network3.model").warning(
+                "%s has no %r metadata: only blank images will be flagged unsure "
+                "(network3-train calibrate %s adds it)", self.path, UNSURE_KEY, self.path)
         self.providers = session.get_providers()
         self.sha256 = hashlib.sha256(data).hexdigest()
         self._session = session
@@ -140,6 +150,10 @@ class OnnxModel:
         session = self._wide if len(x) >= self.options.wide_min and self._wide is not None else self._session
         logits, probs = session.run(self._outputs, {INPUT_NAME: x})
         return logits, probs
+
+    def unsure(self, x: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """bool [N]: which of these answers (inputs x, probabilities probs) are guesses."""
+        return flags(x, probs, self.unsure_below)
 
     # -- what the file says about itself ----------------------------------------------------
 
@@ -182,6 +196,7 @@ class OnnxModel:
             "loaded_at": self.loaded_at,
             "providers": list(self.providers),
             "labels": list(self.labels),
+            "unsure_below": self.unsure_below,
             "metadata": dict(self.metadata),
         }
 

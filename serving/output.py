@@ -1,6 +1,7 @@
 """How `network3 classify` writes: the sink (stdout, or a file replaced atomically), the formats
 (JSON lines, CSV, an aligned table), the running tally with accuracy and a confusion matrix,
-and the progress line on a terminal."""
+and the progress line on a terminal.  An unsure answer (serving.unsure) is `"unsure": true` in
+JSON lines, `true` in CSV's unsure column, and its digit marked `?` in the table."""
 from __future__ import annotations
 
 import csv
@@ -62,7 +63,8 @@ class JsonLines:
         # serialising a dict per image costs more than the rest of the client's work on it.
         parts = ['{"source": ', json.dumps(source)]
         if p.error is None:
-            parts += [', "digit": %d, "confidence": %.6f, "probabilities": [' % (p.digit, p.probability),
+            parts += [', "digit": %d, "confidence": %.6f, "unsure": %s, "probabilities": ['
+                      % (p.digit, p.probability, "true" if p.unsure else "false"),
                       ", ".join(["%.6f" % x for x in p.probabilities]), "]"]
             if p.top_k:
                 parts += [', "top_k": [', ", ".join(['{"digit": %d, "confidence": %.6f}' % kv for kv in p.top_k]), "]"]
@@ -82,15 +84,16 @@ class Csv:
         self.w = csv.writer(file, lineterminator="\n")
         self.top_k = top_k
         self.file = file
-        self.w.writerow(["source", "digit", "confidence", "label", "error"] + [f"p{i}" for i in range(CLASSES)]
+        self.w.writerow(["source", "digit", "confidence", "unsure", "label", "error"] + [f"p{i}" for i in range(CLASSES)]
                         + (["top_k"] if top_k else []))
 
     def row(self, source, label, p: Prediction) -> None:
         lab = "" if label is None else label
         if p.error is None:
-            row = [source, p.digit, f"{p.probability:.6f}", lab, ""] + [f"{x:.6f}" for x in p.probabilities]
+            row = ([source, p.digit, f"{p.probability:.6f}", "true" if p.unsure else "false", lab, ""]
+                   + [f"{x:.6f}" for x in p.probabilities])
         else:
-            row = [source, "", "", lab, p.error] + [""] * CLASSES
+            row = [source, "", "", "", lab, p.error] + [""] * CLASSES
         if self.top_k:
             row.append(" ".join(f"{k}:{v:.4f}" for k, v in p.top_k))
         self.w.writerow(row)
@@ -116,7 +119,8 @@ class Table:
             self.file.write(f"{s:<{self.src_w}}  error: {p.error}\n")
             return
         mark = "" if label is None else (" ok" if label == p.digit else " WRONG")
-        line = f"{s:<{self.src_w}}  {p.digit:>5}  {p.probability:>9.2%}  {lab:>5}{mark}"
+        digit = f"{p.digit}?" if p.unsure else f"{p.digit} "  # ?: a guess (serving.unsure)
+        line = f"{s:<{self.src_w}}  {digit:>6} {p.probability:>9.2%}  {lab:>5}{mark}"
         if self.top_k:
             line += "  " + " ".join(f"{k}:{v:.0%}" for k, v in p.top_k)
         self.file.write(line + "\n")
@@ -133,6 +137,7 @@ class Tally:
 
     def __init__(self):
         self.n = self.failed = self.labelled = self.correct = 0
+        self.unsure = self.sure_labelled = self.sure_correct = 0
         self.confusion = [[0] * CLASSES for _ in range(CLASSES)]
 
     def add(self, label: int | None, p: Prediction) -> None:
@@ -140,10 +145,14 @@ class Tally:
         if p.error is not None:
             self.failed += 1
             return
+        self.unsure += p.unsure
         if label is not None:
             self.labelled += 1
             self.correct += label == p.digit
             self.confusion[label][p.digit] += 1
+            if not p.unsure:
+                self.sure_labelled += 1
+                self.sure_correct += label == p.digit
 
     def summary(self, file, seconds: float) -> None:
         if not self.labelled:
@@ -152,7 +161,12 @@ class Tally:
         failed = f"; {self.failed:,} failed" if self.failed else ""
         rate = f", {self.n / seconds:,.0f} images/s" if seconds > 0 else ""
         lines = [f"accuracy {acc:.2%}: {self.correct:,} of {self.labelled:,} labelled images right{failed}"
-                 f" ({self.n:,} images in {seconds:.2f} s{rate})", *format_confusion(self.confusion)]
+                 f" ({self.n:,} images in {seconds:.2f} s{rate})"]
+        if self.unsure:
+            rest = (f"; accuracy {self.sure_correct / self.sure_labelled:.2%} on the other {self.sure_labelled:,}"
+                    if self.sure_labelled else "")
+            lines.append(f"unsure (?): {self.unsure:,} of {self.n - self.failed:,} answers{rest}")
+        lines += format_confusion(self.confusion)
         file.write("\n".join(lines) + "\n")
         file.flush()
 

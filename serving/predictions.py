@@ -45,6 +45,9 @@ class Prediction:
     probabilities: list[float] = field(default_factory=list)
     label: str = ""  # the model's label for `digit`
     top_k: list[tuple[int, float]] = field(default_factory=list)
+    # A guess, not an answer: a blank image, or `probability` below the model's threshold
+    # (serving.unsure).
+    unsure: bool = False
     id: str = ""
     error: str | None = None
     code: str | None = None

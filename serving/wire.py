@@ -32,7 +32,8 @@ def from_proto(p: pb.Prediction) -> Prediction:
     if p.HasField("error"):
         return Prediction(id=p.id, error=p.error.message, code=code_name(p.error.code))
     return Prediction(digit=p.digit, probability=p.probability, probabilities=list(p.probabilities),
-                      label=p.label, top_k=[(c.digit, c.probability) for c in p.top_k], id=p.id)
+                      label=p.label, top_k=[(c.digit, c.probability) for c in p.top_k], id=p.id,
+                      unsure=p.unsure)
 
 
 def image(item: bytes | np.ndarray, id: str = "") -> pb.Image:

@@ -136,9 +136,9 @@ def font_files() -> list[str]:
     return sorted(f for f in set(found) if not any(s in os.path.basename(f) for s in skip))
 
 
-def render_glyph(font_path: str, digit: int, rng: np.random.Generator, px: int = 96) -> np.ndarray | None:
-    """A digit drawn with a font, white on black float 0..1, slightly rotated; None if the font
-    has no glyph for it (an empty or tofu box)."""
+def render_glyph(font_path: str, digit: int | str, rng: np.random.Generator, px: int = 96) -> np.ndarray | None:
+    """A digit (or any character) drawn with a font, white on black float 0..1, slightly rotated;
+    None if the font has no glyph for it (an empty or tofu box)."""
     try:
         font = ImageFont.truetype(font_path, px)
     except OSError:
@@ -322,3 +322,92 @@ def paper_set(kind: str, n: int, x: np.ndarray | None = None, y: np.ndarray | No
             ink = draw_digit(label, rng)
         items.append((sheet_photo(ink, rng, kind), label))
     return items
+
+
+# ---- things that are not digits (what `unsure` must catch) ----
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# Letters a careful reader could take for a digit in some fonts: O o D Q (0), I l i (1), Z z (2),
+# S s (5), b G (6), B (8), g q (9).  Reported apart: flagging them is not expected.
+LOOKALIKES = "OoDQIliZzSsbGBgq"
+
+
+def letter_fonts() -> list[str]:
+    """font_files() once per font name (matplotlib ships copies of DejaVu), text fonts only."""
+    seen, out = set(), []
+    for f in font_files():
+        name = os.path.basename(f)
+        if name in seen or name.startswith("STIXSiz"):  # STIX's size variants: brackets and integrals
+            continue
+        seen.add(name)
+        out.append(f)
+    return out
+
+
+def letter_set(fonts: list[str], letters: str = LETTERS, kind: str = "clean", seed: int = 0) -> list[tuple[bytes, str]]:
+    """Every letter in every font of `fonts`, as dark ink on paper the way font_set draws digits:
+    'clean' (a crisp scan) or 'photo'.  Items are (file, the letter)."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for f in fonts:
+        for ch in letters:
+            a = render_glyph(f, ch, rng)
+            if a is None:
+                continue
+            if kind == "clean":
+                items.append((encode(Image.fromarray((255 - a * 255).astype(np.uint8))), ch))
+            else:
+                items.append((encode(ink_on_paper(a, rng, scale=1, noise=8, shade=50), "JPEG", quality=80), ch))
+    return items
+
+
+BLANK_KINDS = ("white", "black", "grey", "paper")
+
+
+def blank_image(kind: str, rng: np.random.Generator) -> bytes:
+    """A page with nothing on it, 28 to 400 px a side: 'white', 'black', 'grey' (one uniform
+    level), 'paper' (a photographed empty sheet: shading, texture, sensor noise, JPEG)."""
+    w, h = (int(v) for v in rng.integers(28, 401, 2))
+    if kind == "paper":
+        return encode(Image.fromarray(paper(rng, w, h).astype(np.uint8), "RGB"), "JPEG", quality=85)
+    level = {"white": 255, "black": 0}.get(kind)
+    level = int(rng.integers(40, 216)) if level is None else level
+    return encode(Image.new("L", (w, h), level))
+
+
+NOISE_KINDS = ("uniform", "gaussian", "salt-pepper", "texture")
+
+
+def noise_image(kind: str, rng: np.random.Generator) -> bytes:
+    """A picture of nothing, 28 to 256 px a side: 'uniform' and 'gaussian' pixel noise,
+    'salt-pepper' (2-20% of a grey page's pixels black or white), 'texture' (1/f noise: octaves
+    of smoothed noise, like clouds, bark or a carpet), in colour half the time."""
+    w, h = (int(v) for v in rng.integers(28, 257, 2))
+    if kind == "uniform":
+        a = rng.uniform(0, 255, (h, w))
+    elif kind == "gaussian":
+        a = rng.normal(rng.uniform(80, 180), rng.uniform(20, 60), (h, w))
+    elif kind == "salt-pepper":
+        a = np.full((h, w), rng.uniform(60, 200))
+        hit = rng.random((h, w)) < rng.uniform(0.02, 0.2)
+        a[hit] = rng.choice([0.0, 255.0], int(hit.sum()))
+    elif kind == "texture":
+        a = np.zeros((h, w))
+        for octave in range(1, 7):  # amplitude halves as the frequency doubles
+            n = 2 ** octave
+            layer = rng.normal(0, 1, (n + 1, n + 1)).astype(np.float32)
+            a += np.asarray(Image.fromarray(layer, "F").resize((w, h), Image.Resampling.BICUBIC)) / octave
+        a = 128 + a * (rng.uniform(30, 70) / a.std())
+    else:
+        raise ValueError(kind)
+    a = np.clip(a, 0, 255).astype(np.uint8)
+    if rng.random() < 0.5:  # a colour picture: each channel the grey shifted
+        a = np.clip(a[..., None].astype(np.int16) + rng.integers(-40, 41, 3), 0, 255).astype(np.uint8)
+    return encode(Image.fromarray(a))
+
+
+def nothing_set(kind: str, n: int, seed: int = 0) -> list[bytes]:
+    """n blank pages (a BLANK_KINDS kind) or noise pictures (a NOISE_KINDS kind), seeded."""
+    rng = np.random.default_rng(seed)
+    make = blank_image if kind in BLANK_KINDS else noise_image
+    return [make(kind, rng) for _ in range(n)]

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.contract import INPUT_CONTRACT, INPUT_NAME, LABELS, OUTPUT_NAMES, PIXELS
+from serving.contract import INPUT_CONTRACT, INPUT_NAME, LABELS, OUTPUT_NAMES, PIXELS, UNSURE_KEY
 from serving.preprocess import pixels_to_input
+from serving.unsure import calibrate
 
 FEATURES = 1024
 RIDGE = 10.0
@@ -47,7 +48,10 @@ def build(mnist, path: Path) -> Path:
     from onnx import TensorProto, helper, numpy_helper
 
     weights = fit(mnist.train_x, mnist.train_y)
-    accuracy = float((logits_of(weights, pixels_to_input(mnist.test_x)).argmax(1) == mnist.test_y).mean())
+    test_logits = logits_of(weights, pixels_to_input(mnist.test_x))
+    accuracy = float((test_logits.argmax(1) == mnist.test_y).mean())
+    e = np.exp(test_logits - test_logits.max(1, keepdims=True))
+    unsure_below = calibrate(e / e.sum(1, keepdims=True))  # export's rule, on the same test digits
     logits, probabilities = OUTPUT_NAMES
     shape = np.array([-1, PIXELS], np.int64)
     nodes = [
@@ -70,6 +74,7 @@ def build(mnist, path: Path) -> Path:
     model.ir_version = 9
     meta = {"labels": json.dumps(list(LABELS)), "input": json.dumps(INPUT_CONTRACT), "preset": "test-random-features",
             "test_accuracy": json.dumps(accuracy), "data_sha256": mnist.data_sha256,
+            UNSURE_KEY: json.dumps(unsure_below),
             "notes": f"{FEATURES} random ReLU features + ridge readout, fitted with numpy by tests/small_model.py"}
     for k, v in meta.items():
         model.metadata_props.add(key=k, value=v)

@@ -1,4 +1,4 @@
-"""network3-train: data, train, evaluate and export.
+"""network3-train: data, train, evaluate, export and calibrate.
 
 Only training.data (numpy) is imported at the top.  Each command imports the modules that
 bring torch or onnxruntime when it runs: those take seconds to import, and `network3-train -h`,
@@ -175,6 +175,18 @@ def export(checkpoints, out, opset, quantize, triton_repo, data_dir, as_json) ->
                    f"images/s")
     if "triton_repo" in r:
         click.echo(f"Triton model repository: {r['triton_repo']}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="As for `data`.")
+def calibrate(model: Path, data_dir: Path | None) -> None:
+    """Write MODEL's `unsure` threshold into its metadata (export does; this is for older files)."""
+    from .export import ExportError, calibrate_file
+    try:
+        calibrate_file(model, load(data_dir, verbose=False), log=lambda m: click.echo(f"{model}: {m}"))
+    except (DataError, ExportError, OSError, ValueError) as e:
+        raise _fail(e)
 
 
 def main() -> None:

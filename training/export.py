@@ -10,7 +10,9 @@ Nothing reaches `out` until every check passed: the graph is exported in memory,
 onnxruntime on all 10,000 test images against the same computation in PyTorch (same argmax on
 every image, probabilities within 1e-5), run at batch sizes 1, 7, 256 and 4096, given its
 metadata and checked with `onnx.checker` (full_check); then it goes to a temporary file beside
-`out` and `os.replace` puts it in place.  `--quantize int8` swaps the parity rule for an
+`out` and `os.replace` puts it in place.  The metadata includes the model's `unsure_below`
+threshold, calibrated on the file's own probabilities for the same test images
+(serving/unsure.py); `calibrate_file` adds it to a file exported before.  `--quantize int8` swaps the parity rule for an
 accuracy guard (see `training/quantize.py`).
 """
 from __future__ import annotations
@@ -33,8 +35,10 @@ from google.protobuf import text_format
 from torch import nn
 
 from protos.inference import model_config_pb2 as mc
-from serving.contract import CLASSES, INPUT_CONTRACT, INPUT_NAME, INPUT_SHAPE, LABELS, MODEL_NAME, OUTPUT_NAMES
+from serving.contract import (CLASSES, INPUT_CONTRACT, INPUT_NAME, INPUT_SHAPE, LABELS, MODEL_NAME, OUTPUT_NAMES,
+                              UNSURE_KEY, UNSURE_RATE)
 from serving.preprocess import pixels_to_input
+from serving.unsure import calibrate
 from . import __version__
 from .checkpoint import load_checkpoint
 from .data import Mnist, atomic_write, load
@@ -226,9 +230,12 @@ def export_onnx(checkpoints: list[Path], out: Path, *, opset: int | None = None,
     report = {"path": str(out), "members": len(models), "opset": opset_of(proto), "test_accuracy": accuracy,
               "parity": figures, "batch_sizes": list(CHECK_BATCHES)}
 
+    probs = got[1]
     if quantize:
         proto, report["int8"] = quantize_int8(proto, data, float32_accuracy=accuracy, log=log)
         report["test_accuracy"] = report["int8"]["test_accuracy"]
+        probs = onnx_predict(onnx_session(proto.SerializeToString()), x)[1]  # int8's own confidences
+    report[UNSURE_KEY] = unsure_threshold(proto, probs, log)
     write_checked(proto, out)
     report["size_bytes"] = out.stat().st_size
     if triton_repo is not None:
@@ -238,6 +245,32 @@ def export_onnx(checkpoints: list[Path], out: Path, *, opset: int | None = None,
                         "total_s": round(t_end - t0, 3)}
     log(f"wrote {out} ({report['size_bytes']:,} bytes, test accuracy {report['test_accuracy']:.4f})")
     return report
+
+
+# ------------------------------------------------------------ unsure ----
+
+def unsure_threshold(proto: onnx.ModelProto, probs: np.ndarray, log: Log) -> float:
+    """Calibrate the `unsure` threshold on these probabilities (the graph's own, on MNIST's
+    test digits, which no preset trains on) and write it into the metadata."""
+    threshold = calibrate(probs)
+    set_metadata(proto, {UNSURE_KEY: threshold})
+    log(f"unsure below probability {threshold:.4f}: flags {UNSURE_RATE:.0%} of the test digits or fewer")
+    return threshold
+
+
+def calibrate_file(path: Path, data: Mnist | None = None, log: Log = lambda _m: None) -> float:
+    """Add (or recompute) the `unsure` threshold of an exported file in place, the rest of it
+    untouched: for files exported before the threshold existed."""
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path))
+    except Exception as e:  # onnx raises DecodeError, OSError...: one line for the CLI
+        raise ExportError(f"{path}: not an ONNX file ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})")
+    data = data if data is not None else load(verbose=False)
+    probs = onnx_predict(onnx_session(path), pixels_to_input(data.test_x))[1]
+    threshold = unsure_threshold(proto, probs, log)
+    write_checked(proto, path)
+    return threshold
 
 
 # ------------------------------------------------------------ Triton ----

@@ -31,7 +31,8 @@ class ClassifierServicer(Servicer, pb_grpc.DigitClassifierServicer):
         k = self._top_k(request)
         x, _, errors = await self._inputs(request.images, strict=True)
         logits, probs, model = await self.serving.batcher.infer(x, deadline_of(context))
-        return pb.ClassifyResponse(predictions=_predictions(request.images, probs, model.labels, k),
+        return pb.ClassifyResponse(predictions=_predictions(request.images, probs, model.unsure(x, probs),
+                                                            model.labels, k),
                                    model_sha256=model.sha256)
 
     # -- ClassifyStream: one response per request, in order; bad images do not end it -----
@@ -61,11 +62,12 @@ class ClassifierServicer(Servicer, pb_grpc.DigitClassifierServicer):
         probs = np.empty((0, CLASSES), np.float32)
         if len(x):
             _, probs, model = await self.serving.batcher.infer(x, deadline)
+        unsure = model.unsure(x, probs)
         images = request.images
         if not errors:
-            predictions = _predictions(images, probs, model.labels, k)
+            predictions = _predictions(images, probs, unsure, model.labels, k)
         else:  # put the good images' answers back between the error entries
-            ok = _predictions([images[i] for i in good], probs, model.labels, k)
+            ok = _predictions([images[i] for i in good], probs, unsure, model.labels, k)
             answers = dict(zip(good, ok))
             predictions = [answers.get(i) or pb.Prediction(id=images[i].id, error=_error(errors[i]))
                            for i in range(len(images))]
@@ -148,7 +150,7 @@ def _error(e: Exception) -> pb.Error:
     return pb.Error(code=status.value[0], message=message)
 
 
-def _predictions(images, probs: np.ndarray, labels: list[str], k: int) -> list[pb.Prediction]:
+def _predictions(images, probs: np.ndarray, unsure: np.ndarray, labels: list[str], k: int) -> list[pb.Prediction]:
     """One Prediction per row.  The numbers are computed for all rows at once."""
     if not len(probs):
         return []
@@ -156,12 +158,13 @@ def _predictions(images, probs: np.ndarray, labels: list[str], k: int) -> list[p
     best = probs[np.arange(len(probs)), digits].tolist()
     rows = probs.tolist()
     digits = digits.tolist()
+    unsure = unsure.tolist()
     P = pb.Prediction
     if not k:
-        return [P(id=im.id, digit=d, probability=p, probabilities=row, label=labels[d])
-                for im, d, p, row in zip(images, digits, best, rows)]
+        return [P(id=im.id, digit=d, probability=p, probabilities=row, label=labels[d], unsure=u)
+                for im, d, p, row, u in zip(images, digits, best, rows, unsure)]
     order, top_p = top_k(probs, k)
     C = pb.Class
-    return [P(id=im.id, digit=d, probability=p, probabilities=row, label=labels[d],
+    return [P(id=im.id, digit=d, probability=p, probabilities=row, label=labels[d], unsure=u,
               top_k=[C(digit=j, probability=q, label=labels[j]) for j, q in zip(o, qs)])
-            for im, d, p, row, o, qs in zip(images, digits, best, rows, order.tolist(), top_p.tolist())]
+            for im, d, p, row, u, o, qs in zip(images, digits, best, rows, unsure, order.tolist(), top_p.tolist())]

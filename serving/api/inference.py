@@ -24,7 +24,7 @@ from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference import model_config_pb2 as mc
 
 from .. import __version__, codec, preprocess
-from ..contract import IMAGE_MODEL_NAME, INPUT_NAME, MODEL_NAME, OUTPUT_NAMES
+from ..contract import IMAGE_MODEL_NAME, INPUT_NAME, MODEL_NAME, OUTPUT_NAMES, UNSURE_KEY
 from ..errors import ModelNotFound, Network3Error
 from .common import Servicer, deadline_of, now, pipelined, rpc
 
@@ -254,10 +254,12 @@ def model_statistics(s, name: str = "", version: str = "") -> pb.ModelStatistics
 
 
 def model_facts(model) -> dict[str, str]:
-    """The loaded file's identity, shown by ModelMetadata and ModelConfig: a reload is visible."""
+    """The loaded file's identity, shown by ModelMetadata and ModelConfig: a reload is visible.
+    `unsure_below` (serving.unsure) is there for v2 callers who want network3.v1's flag: the
+    tensor outputs stay the file's own."""
     loaded = datetime.datetime.fromtimestamp(model.loaded_at, datetime.timezone.utc).isoformat(timespec="milliseconds")
     facts = {"sha256": model.sha256, "loaded_at": loaded, "path": str(model.path)}
-    for key in ("test_accuracy", "preset", "exported_at", "git_commit", "network3_version"):
+    for key in ("test_accuracy", "preset", "exported_at", "git_commit", "network3_version", UNSURE_KEY):
         if key in model.metadata:
             facts[key] = model.metadata[key]
     return facts

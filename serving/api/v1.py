@@ -9,7 +9,7 @@ the batcher, ranking serving.model.top_k.
   POST /v1/classify[?top_k=K][&input=1]  one image as the raw body (any Content-Type), or
       several as multipart/form-data (any part names) -> {"predictions": [...]}, one per image in
       order, with the fields of a `network3 classify --format jsonl` line (digit, confidence,
-      probabilities, top_k); in a multipart request a bad image is answered in place
+      unsure, probabilities, top_k); in a multipart request a bad image is answered in place
       ({"error", "code"}), a raw body that is not an image is refused (400).  input=1 adds
       "input": the 28x28 image the model saw, as a base64 PNG.
   GET /v1/model          the model's metadata, input contract and the server's limits.
@@ -66,12 +66,14 @@ def add_routes(app: web.Application, serving) -> None:
                 raise errors[0]  # one raw body that is not an image: the request is wrong
             good = [i for i, e in enumerate(errors) if e is None]
             probs = np.empty((0, CLASSES), np.float32)
+            x = preprocess.pixels_to_input(pixels[good])
+            model = serving.model
             if good:
-                _, probs, _ = await serving.batcher.infer(preprocess.pixels_to_input(pixels[good]), None)
+                _, probs, model = await serving.batcher.infer(x, None)
             ok = True
         finally:
             serving.stats.record_model_request(ok, now() - t0)
-        answers = dict(zip(good, _predictions(probs, k)))
+        answers = dict(zip(good, _predictions(probs, model.unsure(x, probs), k)))
         out = []
         for i, name in enumerate(names):
             p = answers.get(i) or _failed(errors[i])
@@ -144,6 +146,7 @@ def describe(serving) -> dict:
         "preset": meta.get("preset"),
         "test_accuracy": _number(meta.get("test_accuracy")),
         "input": _json(meta.get("input")) or INPUT_CONTRACT,
+        "unsure_below": model.unsure_below,  # null: the file has none, only blank images are flagged
         "providers": list(model.providers),
         "limits": {"max_images_per_request": limits.max_images_per_request, "max_pixels": limits.max_pixels,
                    "max_message_bytes": limits.max_message_bytes,
@@ -241,15 +244,15 @@ def _png(pixels: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _predictions(probs: np.ndarray, k: int) -> list[dict]:
+def _predictions(probs: np.ndarray, unsure: np.ndarray, k: int) -> list[dict]:
     """One dict per row, the fields and precision of a `classify --format jsonl` line."""
     if not len(probs):
         return []
     digits = probs.argmax(1)
     best = probs[np.arange(len(probs)), digits]
     rows = np.round(probs.astype(np.float64), 6).tolist()
-    out = [{"digit": d, "confidence": round(p, 6), "probabilities": row}
-           for d, p, row in zip(digits.tolist(), best.astype(np.float64).tolist(), rows)]
+    out = [{"digit": d, "confidence": round(p, 6), "unsure": u, "probabilities": row}
+           for d, p, u, row in zip(digits.tolist(), best.astype(np.float64).tolist(), unsure.tolist(), rows)]
     if k:
         order, top = rank(probs, k)
         for p, o, t in zip(out, order.tolist(), np.round(top.astype(np.float64), 6).tolist()):

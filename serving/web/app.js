@@ -29,7 +29,11 @@ for (let d = 0; d < 10; d++) {
 
 function showPrediction(p) {
   digitEl.textContent = String(p.digit);
-  confidenceEl.textContent = `${(p.confidence * 100).toFixed(1)}% sure`;
+  // unsure: a blank image, or less confidence than the model's calibrated threshold: a guess.
+  digitEl.classList.toggle("unsure", p.unsure === true);
+  confidenceEl.textContent = p.unsure
+    ? `not sure: ${(p.confidence * 100).toFixed(1)}%, this may not be a digit`
+    : `${(p.confidence * 100).toFixed(1)}% sure`;
   p.probabilities.forEach((q, d) => {
     bars[d].fill.style.width = `${(q * 100).toFixed(1)}%`;
     bars[d].pct.textContent = `${(q * 100).toFixed(1)}%`;
@@ -42,6 +46,7 @@ const HINT = "Draw a digit in the black square, or choose a photo.";
 
 function showNothing() {
   digitEl.textContent = "";
+  digitEl.classList.remove("unsure");
   confidenceEl.textContent = HINT;
   for (const b of bars) { b.fill.style.width = "0"; b.pct.textContent = ""; b.li.classList.remove("top"); }
   seenEl.removeAttribute("src");

@@ -146,6 +146,22 @@ def test_upload_an_mnist_png(page, model, digits, tmp_path):
         assert _el(page, "error").text == ""
 
 
+def test_a_blank_page_says_not_sure(page, tmp_path):
+    """serving.unsure flags a blank image whatever the net answers: the page says so in words."""
+    from PIL import Image
+
+    path = tmp_path / "blank.png"
+    Image.new("L", (200, 150), 255).save(path)
+    clear(page)
+    _el(page, "file").send_keys(str(path))
+    assert answer(page) != ""
+    assert "not sure" in _el(page, "confidence").text
+    assert "unsure" in _el(page, "digit").get_attribute("class")
+    clear(page)
+    draw(page, SEVEN)
+    assert answer(page) == "7" and "not sure" not in _el(page, "confidence").text
+
+
 def test_upload_something_that_is_not_an_image(page, tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("these are notes, not a digit\n")

@@ -15,8 +15,9 @@ import torch
 from click.testing import CliRunner
 
 import training
-from serving.contract import INPUT_CONTRACT as CONTRACT
+from serving.contract import INPUT_CONTRACT as CONTRACT, UNSURE_KEY, UNSURE_RATE
 from serving.preprocess import pixels_to_input
+from serving.unsure import calibrate
 from training import export as export_mod
 from training.cli import cli
 from training.checkpoint import load_checkpoint
@@ -24,7 +25,7 @@ from training.export import export_onnx, weights_sha256
 from training.onnxrt import ExportError, onnx_predict, onnx_session, read_metadata
 
 METADATA_KEYS = {"labels", "input", "preset", "config", "test_accuracy", "data_sha256", "git_commit",
-                 "exported_at", "weights_sha256", "opset", "network3_version"}
+                 "exported_at", "weights_sha256", "opset", "network3_version", "unsure_below"}
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +171,38 @@ def test_int8_export_keeps_accuracy_and_shrinks(int8_export, onnx_model, mnist):
     assert set(info["images_per_s_batch256"]) == {"float32", "int8"} and info["size_bytes"]["int8"] < info["size_bytes"]["float32"]
     logits, probs = onnx_predict(out, pixels_to_input(mnist.test_x[:7]))
     assert logits.shape == probs.shape == (7, 10)
+
+
+def test_unsure_threshold_is_calibrated_on_each_files_own_probabilities(onnx_model, int8_export, mnist):
+    """float32 and int8 files each carry the threshold that flags UNSURE_RATE of their own
+    answers on the test digits; the two differ as their probabilities do."""
+    for path in (onnx_model, int8_export[0]):
+        probs = onnx_predict(path, pixels_to_input(mnist.test_x))[1]
+        top = probs.max(1)
+        threshold = float(read_metadata(path)[UNSURE_KEY])
+        assert threshold == pytest.approx(calibrate(probs), abs=1e-6)
+        assert np.mean(top < threshold) <= UNSURE_RATE < np.mean(top <= threshold)
+    assert int8_export[1][UNSURE_KEY] == float(read_metadata(int8_export[0])[UNSURE_KEY])
+
+
+def test_cli_calibrate_adds_the_threshold_to_an_older_file(tmp_path, onnx_model):
+    old = tmp_path / "old.onnx"
+    proto = onnx.load(str(onnx_model))
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key != UNSURE_KEY]
+    del proto.metadata_props[:]
+    for key, value in kept:
+        proto.metadata_props.add(key=key, value=value)
+    old.write_bytes(proto.SerializeToString())
+    assert UNSURE_KEY not in read_metadata(old)
+    r = CliRunner().invoke(cli, ["calibrate", str(old)])
+    assert r.exit_code == 0, r.output
+    meta = read_metadata(old)
+    assert meta[UNSURE_KEY] == read_metadata(onnx_model)[UNSURE_KEY] and "unsure below probability" in r.output
+    assert {k: v for k, v in meta.items() if k != UNSURE_KEY} == dict(kept)
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("not onnx")
+    r = CliRunner().invoke(cli, ["calibrate", str(bad)])
+    assert r.exit_code == 1 and "Traceback" not in r.output and "not an ONNX file" in r.output
 
 
 def test_int8_weights_fit_the_reduced_range_so_no_x86_cpu_saturates(int8_export):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/network3/v1/classifier.proto\x12\x0bnetwork3.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"@\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06pixels\x18\x02 \x01(\x0cH\x00\x12\n\n\x02id\x18\x03 \x01(\tB\x06\n\x04\x64\x61ta\"S\n\x0f\x43lassifyRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.network3.v1.Image\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_top_k\":\n\x05\x43lass\x12\r\n\x05\x64igit\x18\x01 \x01(\x05\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\r\n\x05label\x18\x03 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa8\x01\n\nPrediction\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x64igit\x18\x02 \x01(\x05\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\x15\n\rprobabilities\x18\x04 \x03(\x02\x12!\n\x05top_k\x18\x05 \x03(\x0b\x32\x12.network3.v1.Class\x12!\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.network3.v1.Error\x12\r\n\x05label\x18\x07 \x01(\t\"y\n\x10\x43lassifyResponse\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.network3.v1.Prediction\x12\x14\n\x0cmodel_sha256\x18\x02 \x01(\t\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.network3.v1.Error\"\x15\n\x13GetModelInfoRequest\"o\n\x06Limits\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\x12\x12\n\nmax_pixels\x18\x04 \x01(\x04\"\xa8\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x36\n\x08metadata\x18\x03 \x03(\x0b\x32$.network3.v1.ModelInfo.MetadataEntry\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12-\n\tloaded_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\x11\n\tproviders\x18\x07 \x03(\t\x12#\n\x06limits\x18\x08 \x01(\x0b\x32\x13.network3.v1.Limits\x12\x0c\n\x04path\x18\t \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xf7\x01\n\x0f\x44igitClassifier\x12G\n\x08\x43lassify\x12\x1c.network3.v1.ClassifyRequest\x1a\x1d.network3.v1.ClassifyResponse\x12Q\n\x0e\x43lassifyStream\x12\x1c.network3.v1.ClassifyRequest\x1a\x1d.network3.v1.ClassifyResponse(\x01\x30\x01\x12H\n\x0cGetModelInfo\x12 .network3.v1.GetModelInfoRequest\x1a\x16.network3.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/network3/v1/classifier.proto\x12\x0bnetwork3.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"@\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06pixels\x18\x02 \x01(\x0cH\x00\x12\n\n\x02id\x18\x03 \x01(\tB\x06\n\x04\x64\x61ta\"S\n\x0f\x43lassifyRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.network3.v1.Image\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_top_k\":\n\x05\x43lass\x12\r\n\x05\x64igit\x18\x01 \x01(\x05\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\r\n\x05label\x18\x03 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb8\x01\n\nPrediction\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x64igit\x18\x02 \x01(\x05\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\x15\n\rprobabilities\x18\x04 \x03(\x02\x12!\n\x05top_k\x18\x05 \x03(\x0b\x32\x12.network3.v1.Class\x12!\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.network3.v1.Error\x12\r\n\x05label\x18\x07 \x01(\t\x12\x0e\n\x06unsure\x18\x08 \x01(\x08\"y\n\x10\x43lassifyResponse\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.network3.v1.Prediction\x12\x14\n\x0cmodel_sha256\x18\x02 \x01(\t\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.network3.v1.Error\"\x15\n\x13GetModelInfoRequest\"o\n\x06Limits\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\x12\x12\n\nmax_pixels\x18\x04 \x01(\x04\"\xa8\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x36\n\x08metadata\x18\x03 \x03(\x0b\x32$.network3.v1.ModelInfo.MetadataEntry\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12-\n\tloaded_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\x11\n\tproviders\x18\x07 \x03(\t\x12#\n\x06limits\x18\x08 \x01(\x0b\x32\x13.network3.v1.Limits\x12\x0c\n\x04path\x18\t \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xf7\x01\n\x0f\x44igitClassifier\x12G\n\x08\x43lassify\x12\x1c.network3.v1.ClassifyRequest\x1a\x1d.network3.v1.ClassifyResponse\x12Q\n\x0e\x43lassifyStream\x12\x1c.network3.v1.ClassifyRequest\x1a\x1d.network3.v1.ClassifyResponse(\x01\x30\x01\x12H\n\x0cGetModelInfo\x12 .network3.v1.GetModelInfoRequest\x1a\x16.network3.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,17 +43,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ERROR']._serialized_start=296
   _globals['_ERROR']._serialized_end=334
   _globals['_PREDICTION']._serialized_start=337
-  _globals['_PREDICTION']._serialized_end=505
-  _globals['_CLASSIFYRESPONSE']._serialized_start=507
-  _globals['_CLASSIFYRESPONSE']._serialized_end=628
-  _globals['_GETMODELINFOREQUEST']._serialized_start=630
-  _globals['_GETMODELINFOREQUEST']._serialized_end=651
-  _globals['_LIMITS']._serialized_start=653
-  _globals['_LIMITS']._serialized_end=764
-  _globals['_MODELINFO']._serialized_start=767
-  _globals['_MODELINFO']._serialized_end=1063
-  _globals['_MODELINFO_METADATAENTRY']._serialized_start=1016
-  _globals['_MODELINFO_METADATAENTRY']._serialized_end=1063
-  _globals['_DIGITCLASSIFIER']._serialized_start=1066
-  _globals['_DIGITCLASSIFIER']._serialized_end=1313
+  _globals['_PREDICTION']._serialized_end=521
+  _globals['_CLASSIFYRESPONSE']._serialized_start=523
+  _globals['_CLASSIFYRESPONSE']._serialized_end=644
+  _globals['_GETMODELINFOREQUEST']._serialized_start=646
+  _globals['_GETMODELINFOREQUEST']._serialized_end=667
+  _globals['_LIMITS']._serialized_start=669
+  _globals['_LIMITS']._serialized_end=780
+  _globals['_MODELINFO']._serialized_start=783
+  _globals['_MODELINFO']._serialized_end=1079
+  _globals['_MODELINFO_METADATAENTRY']._serialized_start=1032
+  _globals['_MODELINFO_METADATAENTRY']._serialized_end=1079
+  _globals['_DIGITCLASSIFIER']._serialized_start=1082
+  _globals['_DIGITCLASSIFIER']._serialized_end=1329
 # @@protoc_insertion_point(module_scope)

@@ -46,7 +46,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("id", "digit", "probability", "probabilities", "top_k", "error", "label")
+    __slots__ = ("id", "digit", "probability", "probabilities", "top_k", "error", "label", "unsure")
     ID_FIELD_NUMBER: _ClassVar[int]
     DIGIT_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class Prediction(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    UNSURE_FIELD_NUMBER: _ClassVar[int]
     id: str
     digit: int
     probability: float
@@ -61,7 +62,8 @@ class Prediction(_message.Message):
     top_k: _containers.RepeatedCompositeFieldContainer[Class]
     error: Error
     label: str
-    def __init__(self, id: _Optional[str] = ..., digit: _Optional[int] = ..., probability: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., top_k: _Optional[_Iterable[_Union[Class, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., label: _Optional[str] = ...) -> None: ...
+    unsure: bool
+    def __init__(self, id: _Optional[str] = ..., digit: _Optional[int] = ..., probability: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., top_k: _Optional[_Iterable[_Union[Class, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., label: _Optional[str] = ..., unsure: _Optional[bool] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("predictions", "model_sha256", "error")
