@@ -33,12 +33,19 @@ from serving.model import ModelOptions, load_model
 MNIST_SEED, PEN_SEED = 31, 41  # the tuning split's seeds (the report's test rows use 3 and 4)
 
 
-def tuning_sets(mnist, kinds, n: int) -> dict[str, list[tuple[bytes, int]]]:
+def tuning_sets(mnist, kinds, n: int, other: bool = False) -> dict[str, list[tuple[bytes, int]]]:
     vx, vy = mnist.split("val")
     sets = {}
     for kind in kinds:
         sets[f"mnist-val {kind}"] = S.paper_set(kind, n, vx, vy, seed=MNIST_SEED)
         sets[f"pen {kind}"] = S.paper_set(kind, n, seed=PEN_SEED)
+    if other:  # the report's other rows, on the same split: what a change must not make worse
+        for kind in S.MNIST_KINDS:
+            sets[f"mnist-val {kind}"] = S.mnist_set(vx, vy, kind, n, seed=MNIST_SEED)
+        for kind in ("clean", "thin", "thick", "lowres", "photo"):
+            sets[f"pen {kind}"] = S.pen_set(n, kind, seed=PEN_SEED)
+        sets["fonts"] = S.font_set(MNIST_SEED)
+        sets["fonts photo"] = S.font_set(MNIST_SEED, kind="photo")
     return sets
 
 
@@ -73,12 +80,13 @@ def main() -> None:
     ap.add_argument("--kinds", default=",".join(S.PAPER_KINDS))
     ap.add_argument("--grid", default="/tmp/photo_fail.png", help="failures grid PNG ('' for none)")
     ap.add_argument("--max-fail", type=int, default=60)
+    ap.add_argument("--other", action="store_true", help="also the report's non-sheet rows on this split")
     a = ap.parse_args()
 
     from training.data import load
 
     model = load_model(a.model, ModelOptions(warmup_batch_sizes=(1,)))
-    sets = tuning_sets(load(verbose=False), a.kinds.split(","), a.n)
+    sets = tuning_sets(load(verbose=False), a.kinds.split(","), a.n, a.other)
     fails = []
     print(f"{'set':<24}{'images':>8}{'accuracy':>10}{'ms/image':>10}")
     for name, items in sets.items():
