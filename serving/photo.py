@@ -77,14 +77,40 @@ def _ink_bright(g: np.ndarray) -> tuple[np.ndarray, bool]:
     lo, hi = np.percentile(g, [0.05, 99.95])
     dark, light = back - lo, hi - back
     if min(g.shape) >= 48 and 0.5 < dark / max(light, 1e-3) < 2.0:
-        # Undecided (a shadow across the border, say): the ink is whichever side has the strong
-        # thin strokes, found by a top-hat (what a k x k opening or closing removes).
-        k = max(g.shape) // 10 | 1
-        light = float(np.percentile(g - _rank(_rank(g, k, np.minimum), k, np.maximum), 99.9))
-        dark = float(np.percentile(_rank(_rank(g, k, np.maximum), k, np.minimum) - g, 99.9))
+        dark, light = _stroke_votes(g)
     if dark > light:
         return 255.0 - g, True
     return g, False
+
+
+def _stroke_votes(g: np.ndarray) -> tuple[float, float]:
+    """(dark, light) votes for the ink's side when the border cannot tell (a shadow across it):
+    the thin strong strokes on each side, found by a top-hat (what a k x k opening or closing
+    removes) of the log picture and counted by area above half the stronger side's top
+    contrast (its 99.99th percentile: a small digit on a large photo has few pixels).
+
+    The log, since light falls on ink and paper alike: a stroke in a shadow then stands out
+    from its paper as much as one in full light, and a shadow's edge less than either.  By
+    area, and with the paper that one side's strokes enclose counted for that side: the inside
+    of a 0's, 6's or 8's loop is a thin light stroke of the top-hat as strong as the ink around
+    it, so by contrast alone the two sides tied and a shadow made it a coin toss (lost, the
+    paper was read as ink).  Ink encloses the paper of its loops; paper does not enclose ink."""
+    k = max(g.shape) // 10 | 1
+    g = np.log(g + 16.0)
+    light = g - _rank(_rank(g, k, np.minimum), k, np.maximum)
+    dark = _rank(_rank(g, k, np.maximum), k, np.minimum) - g
+    t = 0.5 * max(float(np.percentile(light, 99.99)), float(np.percentile(dark, 99.99)))
+    dark, light = dark > t, light > t
+    return (float(np.count_nonzero(dark) + np.count_nonzero(light & _holes(dark))),
+            float(np.count_nonzero(light) + np.count_nonzero(dark & _holes(light))))
+
+
+def _holes(mask: np.ndarray) -> np.ndarray:
+    """The pixels outside `mask` that it encloses (not 4-connected to the picture's border)."""
+    labels, boxes = _components(~mask, connectivity=4)
+    h, w = mask.shape
+    inner = np.array([True] + [y0 > 0 and x0 > 0 and y1 < h and x1 < w for y0, y1, x0, x1 in boxes])
+    return inner[labels] & ~mask
 
 
 def _flatten(ink: np.ndarray, back: np.ndarray | float, paper: bool) -> np.ndarray:
@@ -106,7 +132,8 @@ def _background(ink: np.ndarray, upsampled: bool) -> np.ndarray | float:
     opening (min then max over k x k) follows such edges and removes only what is thinner than
     k, the strokes; but it also takes strokes wider than k (a marker digit cropped tight) for
     background.  So the opening is used only where it differs from the grid over a large region
-    that reaches the picture's edge: light and shadow come from outside the frame, ink does not."""
+    that reaches the picture's edge (light and shadow come from outside the frame, ink does
+    not), or where a region too wide to be a stroke stands above the grid (`_wide_shadow`)."""
     h, w = ink.shape
     n = 6
     if min(h, w) < 2 * n:
@@ -121,15 +148,42 @@ def _background(ink: np.ndarray, upsampled: bool) -> np.ndarray | float:
     pad = np.pad(grid, 1, mode="edge")
     grid = np.min([pad[dy:dy + n, dx:dx + n] for dy in range(3) for dx in range(3)], axis=0)
     smooth = _resize(grid, (w, h), Image.Resampling.BILINEAR)
-    if min(h, w) < 48 or upsampled or grid.max() - grid.min() < 16:
-        return smooth  # a tiny scan or an evenly lit sheet: no shadow to follow
+    if min(h, w) < 48 or upsampled:
+        return smooth  # a tiny scan: no shadow to follow
     k = max(h, w) // 10 | 1
-    opened = _rank(_rank(ink, k, np.minimum), k, np.maximum)
-    differs = opened - smooth > 25
-    edge = np.concatenate([differs[0], differs[-1], differs[:, 0], differs[:, -1]])
-    if differs.mean() > 0.08 and edge.mean() > 0.1:
-        return opened
+    opened = None
+    if grid.max() - grid.min() >= 16:  # unevenly lit: a shadow's edge along the border?
+        opened = _rank(_rank(ink, k, np.minimum), k, np.maximum)
+        differs = opened - smooth > 25
+        edge = np.concatenate([differs[0], differs[-1], differs[:, 0], differs[:, -1]])
+        if differs.mean() > 0.08 and edge.mean() > 0.1:
+            return opened
+    if _wide_shadow(ink, grid, 3 * k):
+        return opened if opened is not None else _rank(_rank(ink, k, np.minimum), k, np.maximum)
     return smooth
+
+
+def _wide_shadow(ink: np.ndarray, grid: np.ndarray, k: int) -> bool:
+    """Whether a region of the ink-bright picture at least k wide and running from one side of
+    the picture to another stands above the grid's background over a twentieth of the picture:
+    a shadow the border test above misses.  The grid takes each block's darkest neighbour, so a
+    shadow over a corner or a strip of the sheet (the minority of the blocks) vanishes from it,
+    or its edge runs along border blocks that lie all in the shadow; left as background, its
+    edge became a band of false ink, often heavier than the digit.  With k three times the
+    opening's no stroke survives this opening, except one along the picture's edge (the edge is
+    repeated outward): such a stroke touches one side, a shadow over a corner or a strip two or
+    more (light and shadow come from outside the frame).  At a quarter of the size: it only
+    has to find a wide region."""
+    h, w = ink.shape
+    size = (max(1, w // 4), max(1, h // 4))
+    small = _rank(_rank(_resize(ink, size), k // 4 | 1, np.minimum), k // 4 | 1, np.maximum)
+    raised = small - _resize(grid, size, Image.Resampling.BILINEAR) > 25
+    if raised.mean() <= 0.05:
+        return False
+    labels, boxes = _components(raised)
+    sh, sw = raised.shape
+    sides = np.array([0] + [(y0 == 0) + (x0 == 0) + (y1 == sh) + (x1 == sw) for y0, y1, x0, x1 in boxes])
+    return bool((sides[labels] >= 2).mean() > 0.05)
 
 
 def _rank(a: np.ndarray, k: int, op) -> np.ndarray:
@@ -180,10 +234,11 @@ def _soft_threshold(ink: np.ndarray) -> np.ndarray | None:
     return np.clip((ink - floor) / (top - floor), 0.0, 1.0)
 
 
-def _components(mask: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
-    """8-connected components by union-find over horizontal runs (a digit has a few runs a
-    row, so the Python loop is short).  Returns (labels, boxes): label 0 is background, label c
-    has bounding box boxes[c - 1] = [y0, y1, x0, x1]."""
+def _components(mask: np.ndarray, connectivity: int = 8) -> tuple[np.ndarray, list[list[int]]]:
+    """8- (or 4-) connected components by union-find over horizontal runs (a digit has a few
+    runs a row, so the Python loop is short).  Returns (labels, boxes): label 0 is background,
+    label c has bounding box boxes[c - 1] = [y0, y1, x0, x1]."""
+    diag = int(connectivity == 8)  # runs [cs, ce) in rows next to each other touch at a corner
     h, w = mask.shape
     padded = np.zeros((h, w + 2), np.int8)
     padded[:, 1:-1] = mask
@@ -208,10 +263,10 @@ def _components(mask: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
         if prev_hi > prev_lo and rs[prev_lo] == row - 1:
             k = prev_lo
             for r in range(i, j):
-                while k < prev_hi and ce[k] < cs[r]:  # run above ends before this one starts (8-conn)
+                while k < prev_hi and ce[k] + diag <= cs[r]:  # run above ends before this one starts
                     k += 1
                 kk = k
-                while kk < prev_hi and cs[kk] <= ce[r]:
+                while kk < prev_hi and cs[kk] < ce[r] + diag:
                     a, b = find(r), find(kk)
                     if a != b:
                         parent[a] = b

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import imagesets as S
+from serving import photo
 from serving import preprocess as pp
 from serving.errors import InvalidInput, Overloaded, TooLarge
 
@@ -120,6 +121,69 @@ def test_harder_sheet_photos(mnist, predict, kind):
     acc = accuracy(predict, items)
     print(f"sheet photo {kind}: {acc:.1%}")
     assert acc >= 0.85
+
+
+def test_shadow_sheets_of_the_tuning_split(mnist, predict):
+    """A hard shadow across the sheet (half of it or so, often over most of the border): MNIST
+    validation digits and the pen's, on seeds of the photo pipeline's tuning split (the report's
+    test rows use MNIST test digits with seeds 3 and 4).  The test model read 94.5% of these
+    before the ink's side and the shadow's edge were found reliably (`_stroke_votes`,
+    `_wide_shadow`), 98.0% after: the floor sits between."""
+    vx, vy = mnist.split("val")
+    items = S.paper_set("shadow", 100, vx[1000:], vy[1000:], seed=51) + S.paper_set("shadow", 100, seed=61)
+    acc = accuracy(predict, items)
+    print(f"shadow sheets (tuning split): {acc:.1%}")
+    assert acc >= 0.96
+
+
+def _sheet(rng: np.random.Generator, digit: int, shadow: float = 1.0, ang: float = 0.0, off: float = 0.0) -> np.ndarray:
+    """A 240x200 grey sheet (paper 210, grain) with an 8 (two rings) or a 7 written on it in
+    strokes 9 px wide, and the half-plane (x, y) . (cos ang, sin ang) > off from the centre
+    darkened to `shadow` of the light (a hard shadow's edge)."""
+    H, W = 240, 200
+    im = Image.new("L", (W, H), 0)
+    d = ImageDraw.Draw(im)
+    cx, cy = int(rng.integers(70, 130)), int(rng.integers(80, 160))
+    if digit == 8:
+        d.ellipse((cx - 18, cy - 44, cx + 18, cy - 4), outline=255, width=9)
+        d.ellipse((cx - 22, cy - 6, cx + 22, cy + 40), outline=255, width=9)
+    else:
+        d.line((cx - 25, cy - 40, cx + 25, cy - 40, cx - 5, cy + 40), fill=255, width=9)
+    g = (210 + rng.normal(0, 4, (H, W))) * (1 - 0.8 * np.asarray(im, np.float32) / 255)
+    yy, xx = np.mgrid[0:H, 0:W]
+    side = (xx - W / 2) * np.cos(ang) + (yy - H / 2) * np.sin(ang) > off
+    return g * np.where(side, shadow, 1.0)
+
+
+@pytest.mark.parametrize("digit", [8, 7])
+def test_a_shadow_over_the_border_does_not_flip_the_ink(digit):
+    """With a hard shadow over more than half the border, the border cannot say which side the
+    ink is on and the strokes decide (`_stroke_votes`).  The old vote, by the strongest top-hat
+    contrast, tied the paper inside an 8's loops with the ink around them and read the lit paper
+    as ink on 8 of these 40 eights and 4 of the 40 sevens; now on none."""
+    rng = np.random.default_rng(0)
+    dark = 0
+    for _ in range(40):
+        ang, off = rng.uniform(0, np.pi), rng.uniform(-40, 0)
+        dark += photo._ink_bright(_sheet(rng, digit, 0.5, ang, off))[1]
+    assert dark == 40
+
+
+@pytest.mark.parametrize("digit", [8, 7])
+def test_a_hard_shadow_is_not_ink(digit):
+    """A hard shadow's edge anywhere across the sheet, over a corner or strip of it or over most
+    of it, leaves the digit as it was without the shadow: the background follows the edge
+    (`_background`, `_wide_shadow`) instead of leaving it as a band of false ink, which the old
+    pipeline did on about half of these sheets: 19 of the 40 eights and 19 of the 40 sevens came
+    out like the unshadowed sheet's digit (correlation over 0.8), now 39 and 39."""
+    rng = np.random.default_rng(1)
+    same = 0
+    for i in range(40):
+        ang, off = rng.uniform(0, np.pi), rng.choice([-1, 1]) * rng.uniform(40, 90)
+        clean = pp.normalize(_sheet(np.random.default_rng(i), digit)).astype(float)
+        shaded = pp.normalize(_sheet(np.random.default_rng(i), digit, 0.5, ang, off)).astype(float)
+        same += np.corrcoef(clean.ravel(), shaded.ravel())[0, 1] > 0.8
+    assert same >= 35
 
 
 def test_font_digits(predict):
