@@ -96,7 +96,7 @@ def _stroke_votes(g: np.ndarray) -> tuple[float, float]:
     it, so by contrast alone the two sides tied and a shadow made it a coin toss (lost, the
     paper was read as ink).  Ink encloses the paper of its loops; paper does not enclose ink."""
     k = max(g.shape) // 10 | 1
-    g = np.log(g + 16.0)
+    g = np.log(np.maximum(g, 0.0) + 16.0)  # (a resampled picture can undershoot 0 a little)
     light = g - _rank(_rank(g, k, np.minimum), k, np.maximum)
     dark = _rank(_rank(g, k, np.maximum), k, np.minimum) - g
     t = 0.5 * max(float(np.percentile(light, 99.99)), float(np.percentile(dark, 99.99)))
