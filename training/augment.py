@@ -12,8 +12,9 @@ from the run's augmentation generator, on the device on CUDA):
   random offsets, upsampled bicubically (one matmul) and added to the affine grid;
 - stroke width (`cfg.thickness`): a thinner (2x2 min-pool) or thicker (3x3 max-pool) pen;
 - broken strokes (`cfg.breaks`): a thin gap cut across the digit along a random line;
-- low resolution (`cfg.lowres`): averaged down to 10-15 px, quantised to 17 grey levels like
-  UCI's 8x8 counts, and brought back up bilinearly, as an 8x8 scan scaled to 20x20 looks.
+- low resolution (`cfg.lowres`): averaged down to 8-13 px, quantised to 17 grey levels like
+  UCI's 8x8 counts, brought back up bicubically and soft-thresholded, as the photo pipeline
+  turns an 8x8 scan into a 20x20 digit.
 
 Every knob at 0 gives exactly the old `affine` augmentation (the same random draws), so old
 configs, which lack these fields, train as they did.
@@ -26,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 SIDE = 28
-LOWRES_SIZES = (10, 12, 15)  # the digit's 20 px box becomes 7-11 px: UCI's 8x8 up to a 16 px scan
+LOWRES_SIZES = (8, 10, 13)  # the digit's 20 px box becomes 6-9 px: UCI's 8x8, a 10-16 px scan
+LOWRES_RAMP = (0.35, 0.7)  # brightness (of the brightest) from which a pixel is ink, and where it is full ink
 LOWRES_LEVELS = 16  # UCI pixels count 0..16 "on" pixels of a 4x4 block
 MAX_CUT = 0.3  # a broken stroke takes at most this share of a digit's ink
 ELASTIC_GRID = 4  # the coarse displacement field's side: one offset every ~9 px
@@ -80,16 +82,18 @@ def stroke_width(x: torch.Tensor) -> torch.Tensor:
 
 
 def low_resolution(x: torch.Tensor) -> torch.Tensor:
-    """Each of LOWRES_SIZES for a share of x: area-averaged down, quantised, bilinear back up, its
-    brightest pixel brought back to 1; in place."""
+    """Each of LOWRES_SIZES for a share of x: area-averaged down, quantised, bicubic back up and
+    soft-thresholded (LOWRES_RAMP) as the photo pipeline does; in place."""
     n, k = x.shape[0], len(LOWRES_SIZES)
     for i, s in enumerate(LOWRES_SIZES):
         a, b = i * n // k, (i + 1) * n // k
         if b > a:
             small = F.adaptive_avg_pool2d(x[a:b], s).mul_(LOWRES_LEVELS).round_().div_(LOWRES_LEVELS)
-            up = F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
-            # The photo pipeline stretches an image's ink to full contrast; blur lowered its peak.
-            x[a:b] = up / up.amax((2, 3), keepdim=True).clamp_min(1e-3)
+            up = F.interpolate(small, size=x.shape[-2:], mode="bicubic", align_corners=False)
+            up = up / up.amax((2, 3), keepdim=True).clamp_min(1e-3)
+            # The photo pipeline (serving/photo.py) smooths a tiny scan up and splits ink from paper
+            # with a soft threshold: crisp, blocky strokes rather than a blur.
+            x[a:b] = ((up - LOWRES_RAMP[0]) / (LOWRES_RAMP[1] - LOWRES_RAMP[0])).clamp_(0, 1)
     return x
 
 
