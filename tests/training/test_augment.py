@@ -9,7 +9,7 @@ import torch
 
 from training import augment as A
 from training.checkpoint import load_checkpoint
-from training.model import Config
+from training.model import AUGMENT_KNOBS, Config
 from training.presets import get
 from training.train import RunOptions, fit
 
@@ -43,7 +43,8 @@ def test_the_batch_keeps_shape_dtype_range_and_a_seed_gives_the_same_batch(batch
 
 def test_all_knobs_at_zero_is_the_old_affine_augmentation(batch):
     x, y = batch
-    assert torch.equal(A.augment_batch(x, y, get("default"), gen(3)), A.random_affine(x, gen(3)))
+    affine_only = get("default", **dict.fromkeys(AUGMENT_KNOBS, 0.0))
+    assert torch.equal(A.augment_batch(x, y, affine_only, gen(3)), A.random_affine(x, gen(3)))
 
 
 def test_elastic_moves_ink_locally_and_keeps_most_of_it(batch):
@@ -62,7 +63,7 @@ def test_stroke_width_thins_the_first_half_and_thickens_the_rest(batch):
     assert bool((mass(out[h:]) > 1.3 * mass(x[h:])).all())
 
 
-def test_low_resolution_blurs_and_keeps_full_contrast(batch):
+def test_low_resolution_loses_detail_the_more_the_lower_and_keeps_full_contrast(batch):
     x, _ = batch
 
     def roughness(t):  # neighbour-to-neighbour change per unit of ink: detail that a low resolution loses
@@ -70,7 +71,10 @@ def test_low_resolution_blurs_and_keeps_full_contrast(batch):
         return edges / mass(t)
 
     out = A.low_resolution(x.clone())
-    assert bool((roughness(out) < roughness(x)).all())
+    assert float((roughness(out) / roughness(x)).median()) < 0.9
+    thirds = [slice(i * len(x) // 3, (i + 1) * len(x) // 3) for i in range(3)]  # LOWRES_SIZES, lowest first
+    change = [float((out[s] - x[s]).abs().mean()) for s in thirds]
+    assert change == sorted(change, reverse=True)
     assert torch.allclose(out.amax((1, 2, 3)), torch.ones(len(x)))
 
 
