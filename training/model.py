@@ -30,6 +30,7 @@ TRAIN_SPLITS = ("train", "train+val")
 AUGMENTS = ("none", "affine")
 OPTIMIZERS = ("sgd", "nesterov", "adamw")
 SCHEDULES = ("constant", "onecycle")
+AUGMENT_KNOBS = ("elastic", "thickness", "breaks", "lowres", "flags")  # augment.augment_batch acts on them
 CHOICES = {
     "conv_activation": ACTIVATIONS, "fc_activation": ACTIVATIONS, "init": INITS, "train_split": TRAIN_SPLITS,
     "augment": AUGMENTS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
@@ -54,6 +55,13 @@ class Config:
     expand: bool = False  # Nielsen's expansion: each image shifted 1 px up/down/left/right (x5 data)
     augment: str = "none"  # "none" or "affine" (random shift/rotate/scale, batched on the device)
     clean_epochs: int = 0  # the last N epochs train on unaugmented images
+    # With augment "affine", what real handwriting adds (training/augment.py; all 0: affine only).
+    # The last four are the share of each batch they change.
+    elastic: float = 0.0  # std in px of an elastic displacement (a coarse random field, Simard 2003)
+    thickness: float = 0.0  # a thinner or thicker pen
+    breaks: float = 0.0  # a gap cut across the strokes
+    lowres: float = 0.0  # a low-resolution scan (8-16 px, 17 grey levels) brought back up
+    flags: float = 0.0  # European forms: a flag on a 1, a bar on a 7
     shuffle: bool = False  # network3.py walks the data in the same order every epoch
     # --- optimisation ---
     epochs: int = 60
@@ -92,10 +100,17 @@ class Config:
             ("ema", 0 <= self.ema < 1, "in [0, 1)"),
             ("warmup", 0 < self.warmup < 1, "in (0, 1)"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("elastic", 0 <= self.elastic <= 8, "in [0, 8] px"),
+            *((name, 0 <= getattr(self, name) <= 1, "in [0, 1]") for name in AUGMENT_KNOBS if name != "elastic"),
         )
         for name, ok, rule in ranges:
             if not ok:  # NaN fails every comparison, so it lands here too
                 raise ValueError(f"{name} {getattr(self, name)!r} is out of range; it must be {rule}")
+        knobs = [name for name in AUGMENT_KNOBS if getattr(self, name)]
+        if knobs and self.augment == "none":
+            raise ValueError(f"{', '.join(knobs)} need augment 'affine'; with augment 'none' nothing is augmented")
+        if knobs and not self.shuffle:  # each knob changes a fixed slice of the batch: the same images every epoch
+            raise ValueError(f"{', '.join(knobs)} need shuffle: they change a slice of each batch")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -23,10 +22,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from serving.contract import SCALE
 from . import data as data_mod
+from .augment import augment_batch
 from .checkpoint import CHECKPOINT_VERSION, atomic_save, load_checkpoint, read as read_checkpoint
 from .evaluate import evaluate, scores, torch_predict
 from .model import Config, Network3, count_parameters, loss_fn, param_groups
@@ -123,21 +122,7 @@ def training_data(cfg: Config, opts: RunOptions, mnist: data_mod.Mnist) -> tuple
     return x, y
 
 
-# ------------------------------------------------------------ augmentation ----
-
-def random_affine(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Batched random rotation (+-10 deg), scale (0.9-1.1), shear and shift (+-2 px) on the device."""
-    n = x.shape[0]
-    r = torch.rand(n, 5, generator=gen, device=gen.device).to(x.device) * 2 - 1
-    angle = r[:, 0] * math.radians(10)
-    scale = 1 + 0.1 * r[:, 1]
-    shear = r[:, 2] * 0.15
-    tx, ty = r[:, 3] * (2 / 14), r[:, 4] * (2 / 14)  # grid units: 14 px per unit
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin + shear, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
-
+# ------------------------------------------------------------ averaging ----
 
 class Ema:
     """Exponential moving average of the weights: the net that is evaluated and delivered.
@@ -314,7 +299,7 @@ def train_epoch(run: Run, loader: DeviceLoader, epoch: int, progress: Progress,
     seen, stopped, paused = 0, False, 0.0
     for step, (xb, yb) in enumerate(loader):
         if augment:
-            xb = random_affine(xb, run.aug_gen)
+            xb = augment_batch(xb, yb, cfg, run.aug_gen)
         xb = xb.contiguous(memory_format=run.fmt)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.use_amp):
             logits = model(xb)

@@ -46,8 +46,8 @@ def test_bf16_autocast_on_cpu_trains_and_says_so(tmp_path, mnist):
 
 def test_clean_epochs_train_the_last_epochs_without_augmentation(tmp_path, mnist, monkeypatch):
     calls = []
-    real = train_mod.random_affine
-    monkeypatch.setattr(train_mod, "random_affine", lambda x, gen: calls.append(len(x)) or real(x, gen))
+    real = train_mod.augment_batch
+    monkeypatch.setattr(train_mod, "augment_batch", lambda x, y, cfg, gen: calls.append(len(x)) or real(x, y, cfg, gen))
     cfg = get("default", epochs=3, batch_size=64, clean_epochs=1)
     fit(cfg, RunOptions(out=tmp_path, device="cpu", limit_train=640, plots=False, quiet=True), mnist)
     assert calls == [64] * 20  # epochs 1 and 2 augment every batch of 10; epoch 3 none
