@@ -26,7 +26,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-SIDE = 28
+from serving.contract import SIDE
+
+from .model import AUGMENT_KNOBS
+
 LOWRES_SIZES = (8, 10, 13)  # the digit's 20 px box becomes 6-9 px: UCI's 8x8, a 10-16 px scan
 LOWRES_RAMP = (0.35, 0.7)  # brightness (of the brightest) from which a pixel is ink, and where it is full ink
 LOWRES_LEVELS = 16  # UCI pixels count 0..16 "on" pixels of a 4x4 block
@@ -160,7 +163,7 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, cfg, gen: torch.Generator) -
     the 1s and 7s among the front ones.  Slices cost in proportion to what they change and need
     no per-image selection (a data-dependent index would wait for the GPU)."""
     n = x.shape[0]
-    k = {name: round(getattr(cfg, name) * n) for name in ("flags", "thickness", "breaks", "lowres")}
+    k = {name: round(getattr(cfg, name) * n) for name in AUGMENT_KNOBS if name != "elastic"}  # shares of the batch
     if k["flags"]:
         x = x.clone()
         x[:k["flags"]] = flags_and_bars(x[:k["flags"]], y[:k["flags"]], _rand(gen, x.device, k["flags"], 4))
