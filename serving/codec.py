@@ -311,11 +311,6 @@ def output_spec(k: int, n: int) -> tuple[str, list[int]]:
     return ("BYTES", [n, k]) if k else ("FP32", [n, CLASSES])
 
 
-def output_tensors(outputs: list[tuple[str, int]], logits: np.ndarray, probs: np.ndarray, labels: Sequence[str]):
-    """[(name, datatype, shape, raw bytes)] for the requested outputs."""
-    return [output_tensor(name, k, logits, probs, labels) for name, k in outputs]
-
-
 def response(request: pb.ModelInferRequest, outputs: list[tuple[str, int]], logits: np.ndarray, probs: np.ndarray,
              labels: Sequence[str], model_name: str, model_version: str) -> bytes:
     """The ModelInferResponse, serialized (what the gRPC servicer sends as it is).
@@ -327,13 +322,14 @@ def response(request: pb.ModelInferRequest, outputs: list[tuple[str, int]], logi
     `raw_output_contents`) are appended as bytes: the wire format lets a message's fields come
     in any order, so this parses to exactly the message protobuf would build (0.6 us).
     """
-    tensors = output_tensors(outputs, logits, probs, labels)
-    parts = [_response_head(model_name, model_version, tuple(outputs), len(logits))]
+    head, raw_heads = _response_head(model_name, model_version, tuple(outputs), len(logits))
+    parts = [head]
     if request.id:
         rid = request.id.encode()
         parts += (_field_head(_RESPONSE_ID, len(rid)), rid)
-    for *_, raw in tensors:
-        parts += (_field_head(_RESPONSE_RAW, len(raw)), raw)
+    for (name, k), raw_head in zip(outputs, raw_heads):
+        raw = output_tensor(name, k, logits, probs, labels)[3]
+        parts += (raw_head or _field_head(_RESPONSE_RAW, len(raw)), raw)
     return b"".join(parts)
 
 
@@ -344,15 +340,18 @@ _STREAM_RESPONSE = pb.ModelStreamInferResponse.INFER_RESPONSE_FIELD_NUMBER
 
 
 @functools.lru_cache(maxsize=1024)
-def _response_head(model_name: str, model_version: str, outputs: tuple, n: int) -> bytes:
-    """The fields of a response that depend only on the model, the outputs asked for and N."""
+def _response_head(model_name: str, model_version: str, outputs: tuple, n: int) -> tuple[bytes, tuple]:
+    """The fields of a response that depend only on the model, the outputs asked for and N,
+    serialized; and per output the head of its raw_output_contents field where its length is
+    fixed too (FP32 [N, 10]), else None (the classification extension's strings)."""
     T = pb.ModelInferResponse.InferOutputTensor
-    tensors = []
+    tensors, raw_heads = [], []
     for name, k in outputs:
         datatype, shape = output_spec(k, n)
         tensors.append(T(name=name, datatype=datatype, shape=shape))
-    return pb.ModelInferResponse(model_name=model_name, model_version=model_version,
-                                 outputs=tensors).SerializeToString()
+        raw_heads.append(None if k else _field_head(_RESPONSE_RAW, n * CLASSES * ITEM_BYTES["FP32"]))
+    head = pb.ModelInferResponse(model_name=model_name, model_version=model_version, outputs=tensors).SerializeToString()
+    return head, tuple(raw_heads)
 
 
 def stream_response(infer_response: bytes) -> bytes:

@@ -109,9 +109,8 @@ class AccessLog:
         return f"{self._prefix}{next(self._ids)}"
 
     def write(self, rid: str, method: str, code: str, images: int, seconds: float) -> None:
-        # Ids come from clients (the v2 `id`, x-request-id): a newline or a space in one must
-        # not forge a line or a field.
-        rid = safe_id(rid)
+        """`rid`: new_id()'s, or a client's (the v2 `id`, x-request-id) made safe_id() by the
+        caller: a newline or a space in one must not forge a line or a field."""
         t = time.time()
         second = int(t)
         if second != self._second:  # strftime once a second, not once a line
@@ -198,85 +197,79 @@ def rpc(request_type, *, images: Callable = _no_images, model_call: bool = False
     def wrap(fn):
         method = fn.__name__
 
+        full = ""  # "<service>.<method>", known at the first call (API is the servicer class's)
+
         if inspect.isasyncgenfunction(fn):
             @functools.wraps(fn)
             async def streaming(self, request_iterator, context):
-                serving, call, tally = self.serving, _Call(), [0]
+                nonlocal full
+                full = full or f"{self.API}.{method}"
+                serving, t0, code, tally = self.serving, now(), "OK", [0]
                 traced = serving.tracing.grpc(self.API, method, context) if serving.tracing is not None else None
                 serving.inflight += 1
                 try:
-                    _refuse_if_draining(serving)
+                    if serving.draining:
+                        raise Unavailable(DRAINING)
                     async for response in fn(self, _parsed(request_iterator, parse, images, self, tally), context):
                         yield response
                 except (asyncio.CancelledError, GeneratorExit):  # the client went away
-                    call.code = "CANCELLED"
+                    code = "CANCELLED"
                     raise
                 except Exception as e:
-                    await _fail(call, e, context, self.API, method)
+                    code, status, message = _outcome(e, context, full)
+                    if status is None:
+                        raise
+                    await context.abort(status, message)
                 finally:
                     serving.inflight -= 1
-                    _record(serving, self.API, method, call.code, tally[0], now() - call.t0, False, context)
+                    _record(serving, self.API, method, full, code, tally[0], now() - t0, False, context)
                     if traced is not None:
-                        traced.end(call.code, tally[0], serving.model_name)
+                        traced.end(code, tally[0], serving.model_name)
 
             return streaming
 
         @functools.wraps(fn)
         async def unary(self, raw, context):
-            serving, call, request = self.serving, _Call(), None
+            nonlocal full
+            full = full or f"{self.API}.{method}"
+            serving, t0, code, request = self.serving, now(), "OK", None
             traced = serving.tracing.grpc(self.API, method, context) if serving.tracing is not None else None
             serving.inflight += 1
             try:
-                _refuse_if_draining(serving)
+                if serving.draining:
+                    raise Unavailable(DRAINING)
                 request = parse(raw)
                 return await fn(self, request, context)
             except asyncio.CancelledError:
-                call.code = "CANCELLED"
+                code = "CANCELLED"
                 raise
             except Exception as e:
-                await _fail(call, e, context, self.API, method)
+                code, status, message = _outcome(e, context, full)
+                if status is None:  # an abort the handler made itself
+                    raise
+                await context.abort(status, message)
             finally:
                 serving.inflight -= 1
                 try:
                     n = images(self, request) if request is not None else 0
                 except Exception:
                     n = 0
-                _record(serving, self.API, method, call.code, n, now() - call.t0, model_call, context, request,
-                        request_id)
+                _record(serving, self.API, method, full, code, n, now() - t0, model_call, context, request, request_id)
                 if traced is not None:
-                    traced.end(call.code, n, serving.model_name)
+                    traced.end(code, n, serving.model_name)
 
         return unary
 
     return wrap
 
 
-class _Call:
-    """One RPC under way: when it started and the status code name it ends with."""
-
-    __slots__ = ("t0", "code")
-
-    def __init__(self) -> None:
-        self.t0, self.code = now(), "OK"
+# New calls while the server drains (SIGTERM) get UNAVAILABLE, so that clients retry elsewhere.
+DRAINING = "server is shutting down: retry on another replica"
 
 
-def _refuse_if_draining(serving: Serving) -> None:
-    if serving.draining:
-        raise Unavailable("server is shutting down: retry on another replica")
-
-
-async def _fail(call: _Call, e: Exception, context, api: str, method: str) -> None:
-    """End a failed RPC with its status (see _outcome); an abort the handler made itself is
-    raised again as it is."""
-    call.code, status, message = _outcome(e, context, api, method)
-    if status is None:
-        raise e
-    await context.abort(status, message)
-
-
-def _record(serving: Serving, api: str, method: str, code: str, images: int, seconds: float, model_call: bool,
-            context, request=None, request_id: Callable | None = None) -> None:
-    """An RPC ended: count it, and write its access line."""
+def _record(serving: Serving, api: str, method: str, full: str, code: str, images: int, seconds: float,
+            model_call: bool, context, request=None, request_id: Callable | None = None) -> None:
+    """An RPC ended: count it, and write its access line (`full`: "<api>.<method>")."""
     serving.stats.method(api, method).record(code, images, seconds)
     if model_call:
         serving.stats.record_model_request(code == "OK", seconds)
@@ -286,7 +279,7 @@ def _record(serving: Serving, api: str, method: str, code: str, images: int, sec
             rid = request_id(request) if request is not None else None
         else:  # ours may send x-request-id metadata
             rid = _request_id(context)
-        access.write(rid or access.new_id(), f"{api}.{method}", code, images, seconds)
+        access.write(safe_id(rid) if rid else access.new_id(), full, code, images, seconds)
 
 
 async def _parsed(request_iterator, parse, images, servicer, tally):
@@ -299,7 +292,7 @@ async def _parsed(request_iterator, parse, images, servicer, tally):
         yield request
 
 
-def _outcome(e: Exception, context, api: str, method: str) -> tuple[str, grpc.StatusCode | None, str]:
+def _outcome(e: Exception, context, full: str) -> tuple[str, grpc.StatusCode | None, str]:
     """The status a failed RPC ends with: (code name, status to abort with or None to re-raise, message).
 
     Domain errors map through `errors.grpc_status`; an abort the handler made itself passes
@@ -310,8 +303,8 @@ def _outcome(e: Exception, context, api: str, method: str) -> tuple[str, grpc.St
         return status.name, status, message
     if isinstance(e, grpc.aio.AbortError):
         return _code_name(context), None, ""
-    log.exception("%s.%s failed", api, method)
-    return "INTERNAL", grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(e).__name__}"
+    log.exception("%s failed", full)
+    return "INTERNAL", grpc.StatusCode.INTERNAL, f"internal error in {full.rpartition('.')[2]}: {type(e).__name__}"
 
 
 def _code_name(context) -> str:

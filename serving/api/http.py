@@ -48,7 +48,7 @@ from .. import codec
 from ..credentials import Token
 from ..errors import InvalidInput, Network3Error, TooLarge, Unauthenticated, Unavailable, http_status
 from . import inference, v1
-from .common import IMAGES, REQUEST_ID_KEY, Serving, now, safe_id
+from .common import DRAINING, IMAGES, REQUEST_ID_KEY, Serving, now, safe_id
 
 log = logging.getLogger("network3.server")
 
@@ -170,7 +170,7 @@ def _guard(serving: Serving, token: Token | None, cors_origins: tuple[str, ...] 
             return error_response(501, f"Transfer-Encoding {', '.join(codings)!r} not supported: only chunked "
                                        "(compress the body with Content-Encoding instead)")
         if serving.draining:
-            raise Unavailable("server is shutting down: retry on another replica")
+            raise Unavailable(DRAINING)
         if (cors_origins and request.method == "OPTIONS" and request.headers.get("Origin") in cors_origins
                 and "Access-Control-Request-Method" in request.headers):
             return web.Response(status=204, headers={

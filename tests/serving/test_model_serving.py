@@ -116,7 +116,7 @@ def test_response_bytes_parse_to_the_message_protobuf_builds(n, rid, outputs):
     logits = rng.normal(size=(n, 10)).astype(np.float32)
     probs = rng.dirichlet(np.ones(10), size=n).astype(np.float32)
     wire = codec.response(v2.ModelInferRequest(id=rid), outputs, logits, probs, LABELS, "m", "7")
-    tensors = codec.output_tensors(outputs, logits, probs, LABELS)
+    tensors = [codec.output_tensor(name, k, logits, probs, LABELS) for name, k in outputs]
     T = v2.ModelInferResponse.InferOutputTensor
     expected = v2.ModelInferResponse(model_name="m", model_version="7", id=rid,
                                      outputs=[T(name=a, datatype=b, shape=c) for a, b, c, _ in tensors],
