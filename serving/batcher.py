@@ -81,10 +81,16 @@ async def run_alone(pool, model, x: np.ndarray, stats: Stats, t0: float, inline:
     executor thread or, `inline`, on this thread: (logits, probabilities, model), counted as a
     batch of one request."""
     if inline:
-        logits, probs, seconds = compute(model, x)
-    else:
-        logits, probs, seconds = await asyncio.wrap_future(pool.submit(compute, model, x))
-    waited = max(0.0, now() - t0 - seconds)  # the wait for a thread
+        return ran_alone(model, x, stats, 0.0, compute(model, x))
+    logits, probs, seconds = outcome = await asyncio.wrap_future(pool.submit(compute, model, x))
+    return ran_alone(model, x, stats, max(0.0, now() - t0 - seconds), outcome)  # waited for a thread
+
+
+def ran_alone(model, x: np.ndarray, stats: Stats, waited: float, outcome: tuple) -> tuple:
+    """Count a request computed on its own (`outcome`: compute's) after `waited` seconds in
+    the queue; (logits, probabilities, model).  A plain function, so that a request run
+    inline on the event loop costs no coroutine."""
+    logits, probs, seconds = outcome
     stats.queue.observe(waited)
     stats.record_batch(len(x), 1, seconds)
     trace = CURRENT.get()
@@ -155,9 +161,12 @@ class DynamicBatcher:
             t0 = now()
             if deadline is not None and t0 > deadline:
                 raise deadline_passed(self.stats)
+            model = self.model
+            if n <= o.inline_max:  # computed before anything else runs on this loop: no count of it in flight
+                return ran_alone(model, x, self.stats, 0.0, compute(model, x))
             self._alone += n
             try:
-                return await run_alone(self._pool, self.model, x, self.stats, t0, inline=n <= o.inline_max)
+                return await run_alone(self._pool, model, x, self.stats, t0)
             finally:
                 self._alone -= n
         loop = asyncio.get_running_loop()

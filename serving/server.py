@@ -127,7 +127,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         api, _, method = rest.partition("/")
         self._stats.method(api, method).record("UNAUTHENTICATED", 0, 0.0)
         if self._access is not None:
-            self._access.write(self._access.new_id(), f"{api}.{method}", "UNAUTHENTICATED", 0, 0.0)
+            self._access.write(None, f"{api}.{method}", "UNAUTHENTICATED", 0, 0.0)
         return _refuse(handler, "missing or wrong token: send `authorization: Bearer <token>`" if got
                        else "missing token: send `authorization: Bearer <token>`")
 

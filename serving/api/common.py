@@ -91,14 +91,15 @@ class AccessLog:
 (serve --workers N > 1), `<time> access pid=<worker pid> id=..`.
 
     Lines are buffered and written every `flush_s` seconds (and on close): a logging call per
-    request costs a sizeable part of a 1-image request, appending an f-string to a list very
-    little (docs/results.md has the figures).
+    request costs a sizeable part of a 1-image request, and so does formatting the line, which
+    under load costs several times what it does alone (docs/results.md has the figures); so a
+    request appends its fields as a tuple and the lines are formatted when they are written.
     """
 
     def __init__(self, stream=None, flush_s: float = 0.25, pid: bool = False) -> None:
         self.stream = stream or sys.stderr
         self.flush_s = flush_s
-        self._lines: list[str] = []
+        self._lines: list[tuple] = []
         self._timer: asyncio.TimerHandle | None = None
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}-"
@@ -108,27 +109,30 @@ class AccessLog:
     def new_id(self) -> str:
         return f"{self._prefix}{next(self._ids)}"
 
-    def write(self, rid: str, method: str, code: str, images: int, seconds: float) -> None:
-        """`rid`: new_id()'s, or a client's (the v2 `id`, x-request-id) made safe_id() by the
-        caller: a newline or a space in one must not forge a line or a field."""
-        t = time.time()
-        second = int(t)
-        if second != self._second:  # strftime once a second, not once a line
-            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        self._lines.append(f"{self._stamp}.{int((t - second) * 1000):03d}Z {self._access} id={rid} method={method} "
-                           f"code={code} images={images} ms={seconds * 1000:.3f}\n")
+    def write(self, rid: str | None, method: str, code: str, images: int, seconds: float) -> None:
+        """`rid`: None for a new id (new_id's, given at flush), or a client's (the v2 `id`,
+        x-request-id) made safe_id() by the caller: a newline or a space in one must not forge
+        a line or a field."""
+        self._lines.append((time.time(), rid, method, code, images, seconds))
         if self._timer is None:
             try:
                 self._timer = asyncio.get_running_loop().call_later(self.flush_s, self.flush)
             except RuntimeError:
                 self.flush()
 
+    def _line(self, t: float, rid: str | None, method: str, code: str, images: int, seconds: float) -> str:
+        second = int(t)
+        if second != self._second:  # strftime once a second, not once a line
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return (f"{self._stamp}.{int((t - second) * 1000):03d}Z {self._access} id={rid or self.new_id()} "
+                f"method={method} code={code} images={images} ms={seconds * 1000:.3f}\n")
+
     def flush(self) -> None:
         self._timer = None
         if self._lines:
             lines, self._lines = self._lines, []
             try:
-                self.stream.write("".join(lines))
+                self.stream.write("".join([self._line(*fields) for fields in lines]))
                 self.stream.flush()
             except (OSError, ValueError):
                 pass  # a closed or broken log stream must not take the server down
@@ -279,7 +283,7 @@ def _record(serving: Serving, api: str, method: str, full: str, code: str, image
             rid = request_id(request) if request is not None else None
         else:  # ours may send x-request-id metadata
             rid = _request_id(context)
-        access.write(safe_id(rid) if rid else access.new_id(), full, code, images, seconds)
+        access.write(safe_id(rid) if rid else None, full, code, images, seconds)
 
 
 async def _parsed(request_iterator, parse, images, servicer, tally):
