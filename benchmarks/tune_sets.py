@@ -1,7 +1,7 @@
 """Tuning sets for the training recipe (issue 19): made from MNIST's validation digits and from seeds
 no report or test uses, so the recipe is chosen without looking at any test set.
 
-    python benchmarks/tune_sets.py train NAME [--set elastic=1.5 --set lowres=0.25 ...] [--epochs 12]
+    python benchmarks/tune_sets.py train NAME [--set elastic=1.5 --set lowres=0.25 --set epochs=15 ...]
     python benchmarks/tune_sets.py score runs/tune/NAME/best.pt
 
 `train` trains `default` with the overrides on MNIST's `train` split only (50,000; `val` is held

@@ -14,7 +14,11 @@ from the run's augmentation generator, on the device on CUDA):
 - broken strokes (`cfg.breaks`): a thin gap cut across the digit along a random line;
 - low resolution (`cfg.lowres`): averaged down to 8-13 px, quantised to 17 grey levels like
   UCI's 8x8 counts, brought back up bicubically and soft-thresholded, as the photo pipeline
-  turns an 8x8 scan into a 20x20 digit.
+  turns an 8x8 scan into a 20x20 digit;
+- block-count scans (`cfg.blockscan`): the digit made the way UCI's 8x8 digits were (binarised,
+  its bounding box fitted into 32x32, "on" pixels counted in 4x4 blocks), then brought back the
+  way serving.photo brings up a tiny scan (smoothed up, soft-thresholded, cut out, fitted into
+  20x20 and centred by its centre of mass): the loops an 8x8 grid closes or loses.
 
 Every knob at 0 gives exactly the old `affine` augmentation (the same random draws), so old
 configs, which lack these fields, train as they did.
@@ -35,6 +39,9 @@ LOWRES_RAMP = (0.35, 0.7)  # brightness (of the brightest) from which a pixel is
 LOWRES_LEVELS = 16  # UCI pixels count 0..16 "on" pixels of a 4x4 block
 MAX_CUT = 0.3  # a broken stroke takes at most this share of a digit's ink
 ELASTIC_GRID = 4  # the coarse displacement field's side: one offset every ~9 px
+BLOCKS = 8  # a block-count scan's side in blocks ...
+BLOCK = 4  # ... of this many binary pixels a side (UCI: 32x32 bitmaps counted in 4x4 blocks)
+BLOCK_UP = 5  # the count image smoothed up this many times (40x40) before it is thresholded
 
 
 def _rand(gen: torch.Generator, device: torch.device, *shape: int) -> torch.Tensor:
@@ -97,6 +104,65 @@ def low_resolution(x: torch.Tensor) -> torch.Tensor:
             # The photo pipeline (serving/photo.py) smooths a tiny scan up and splits ink from paper
             # with a soft threshold: crisp, blocky strokes rather than a blur.
             x[a:b] = ((up - LOWRES_RAMP[0]) / (LOWRES_RAMP[1] - LOWRES_RAMP[0])).clamp_(0, 1)
+    return x
+
+
+def _bounds(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a bool [N, 1, H, W]: the bounding box's centre (x, y) in pixels ([N, 2]), its longest
+    side in pixels ([N]) and whether there is anything at all ([N])."""
+    rows, cols = mask[:, 0].any(2), mask[:, 0].any(1)
+    h, w = rows.shape[1], cols.shape[1]
+    top, bottom = rows.float().argmax(1), h - 1 - rows.flip(1).float().argmax(1)
+    left, right = cols.float().argmax(1), w - 1 - cols.flip(1).float().argmax(1)
+    centre = torch.stack([(left + right) / 2, (top + bottom) / 2], 1).float()
+    side = torch.maximum(bottom - top, right - left).float() + 1
+    return centre, side, rows.any(1)
+
+
+def _crop_theta(centre: torch.Tensor, scale: torch.Tensor, size: int) -> torch.Tensor:
+    """affine_grid's theta (align_corners=False) reading an output whose [-1, 1] spans `scale`
+    input pixels around `centre` ([N, 2] pixels) of a size x size input."""
+    t = (2 * centre + 1) / size - 1
+    zero = torch.zeros_like(scale)
+    k = scale / size
+    return torch.stack([torch.stack([k, zero, t[:, 0]], 1), torch.stack([zero, k, t[:, 1]], 1)], 1)
+
+
+def block_scan(x: torch.Tensor) -> torch.Tensor:
+    """UCI's 8x8 digits as the service sees them, for each image of x (in place).
+
+    Made as UCI's were: ink above half binarised, the digit's bounding box fitted into a
+    BLOCKS*BLOCK square (aspect kept), the "on" pixels counted in BLOCK x BLOCK blocks.  Brought
+    back as serving.photo brings back a tiny scan: smoothed up bicubically, soft-thresholded
+    (LOWRES_RAMP), the ink's box fitted into 20x20 (box-averaged down from twice the size) with
+    its centre of mass at the frame's centre.  Images with no ink are left as they are."""
+    n, side = x.shape[0], x.shape[-1]
+    centre, longest, some = _bounds(x > 0.5)
+    fine = BLOCKS * BLOCK
+    # Pixel edges: the box spans `longest` pixels; the fine bitmap's edge is the box's edge.
+    grid = F.affine_grid(_crop_theta(centre, longest, side), [n, 1, fine, fine], align_corners=False)
+    bits = (F.grid_sample(x, grid, align_corners=False) > 0.5).float()
+    counts = F.avg_pool2d(bits, BLOCK)  # 0, 1/16 ... 1: UCI's 0..16
+    up = F.interpolate(counts, scale_factor=BLOCK_UP, mode="bicubic", align_corners=False)
+    up = up / up.amax((2, 3), keepdim=True).clamp_min(1e-3)
+    v = ((up - LOWRES_RAMP[0]) / (LOWRES_RAMP[1] - LOWRES_RAMP[0])).clamp_(0, 1)
+    size = v.shape[-1]
+    _, longest_v, some_v = _bounds(v > 0.05)
+    mass = v.sum((1, 2, 3)).clamp_min(1e-6)
+    idx = torch.arange(size, device=x.device, dtype=v.dtype)
+    com = torch.stack([(v.sum(2)[:, 0] * idx).sum(1), (v.sum(3)[:, 0] * idx).sum(1)], 1) / mass.view(-1, 1)
+    # Output at twice the size, then 2x2 averaged (a box filter, as serving.photo's fit): the ink's
+    # longest side becomes 2 * BOX output pixels and the centre of mass lands on pixel CENTRE.
+    box, centre_px = 20, side // 2
+    r = longest_v / (2 * box)  # input pixels per output pixel of the doubled frame
+    # The doubled frame's pixel index q <-> input pixel com + (q - (2 * centre_px + 0.5)) * r; the frame's
+    # centre (index side - 0.5) is then input pixel com + (side - 1 - 2 * centre_px) * r.
+    mid = com + ((side - 0.5) - (2 * centre_px + 0.5)).__float__() * r.view(-1, 1)
+    grid = F.affine_grid(_crop_theta(mid, r * 2 * side, size), [n, 1, 2 * side, 2 * side], align_corners=False)
+    out = F.avg_pool2d(F.grid_sample(v, grid, align_corners=False, padding_mode="zeros"), 2)
+    out = out / out.amax((2, 3), keepdim=True).clamp_min(1e-3)
+    keep = (some & some_v).view(-1, 1, 1, 1)
+    x.copy_(torch.where(keep, out, x))
     return x
 
 
@@ -175,4 +241,9 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, cfg, gen: torch.Generator) -
         x[a:b] = broken_strokes(x[a:b], _rand(gen, x.device, b - a, 3))
     if k["lowres"]:
         x[n - k["lowres"]:] = low_resolution(x[n - k["lowres"]:])
+    if k["blockscan"]:
+        b = n - k["lowres"]
+        a = max(0, b - k["blockscan"])
+        if b > a:
+            x[a:b] = block_scan(x[a:b])
     return x

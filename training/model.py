@@ -30,7 +30,7 @@ TRAIN_SPLITS = ("train", "train+val")
 AUGMENTS = ("none", "affine")
 OPTIMIZERS = ("sgd", "nesterov", "adamw")
 SCHEDULES = ("constant", "onecycle")
-AUGMENT_KNOBS = ("elastic", "thickness", "breaks", "lowres", "flags")  # augment.augment_batch acts on them
+AUGMENT_KNOBS = ("elastic", "thickness", "breaks", "lowres", "flags", "blockscan")  # augment.augment_batch acts on them
 CHOICES = {
     "conv_activation": ACTIVATIONS, "fc_activation": ACTIVATIONS, "init": INITS, "train_split": TRAIN_SPLITS,
     "augment": AUGMENTS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
@@ -62,6 +62,7 @@ class Config:
     breaks: float = 0.0  # a gap cut across the strokes
     lowres: float = 0.0  # a low-resolution scan (8-16 px, 17 grey levels) brought back up
     flags: float = 0.0  # European forms: a flag on a 1, a bar on a 7
+    blockscan: float = 0.0  # an 8x8 block-count scan (as UCI's digits were made) brought back up
     shuffle: bool = False  # network3.py walks the data in the same order every epoch
     # --- optimisation ---
     epochs: int = 60

@@ -13,7 +13,7 @@ from training.model import AUGMENT_KNOBS, Config
 from training.presets import get
 from training.train import RunOptions, fit
 
-KNOBS = {"elastic": 1.5, "thickness": 0.25, "breaks": 0.1, "lowres": 0.25, "flags": 0.5}
+KNOBS = {"elastic": 1.5, "thickness": 0.25, "breaks": 0.1, "lowres": 0.25, "flags": 0.5, "blockscan": 0.2}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,30 @@ def test_low_resolution_loses_detail_the_more_the_lower_and_keeps_full_contrast(
     change = [float((out[s] - x[s]).abs().mean()) for s in thirds]
     assert change == sorted(change, reverse=True)
     assert torch.allclose(out.amax((1, 2, 3)), torch.ones(len(x)))
+
+
+def test_block_scan_is_what_the_service_makes_of_an_8x8_block_count_scan(batch):
+    # The same digits made into UCI-style 8x8 count images (benchmarks/tune_sets.py's uci_like,
+    # the tuning set's maker) and brought up by the service's own pipeline (serving.photo).
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from tune_sets import uci_like
+    from serving import photo
+    x, _ = batch
+    x = x[:64]
+    served = torch.from_numpy(np.stack([
+        photo.normalize((255 - uci_like((d[0] * 255).round().to(torch.uint8).numpy()) * 255).astype(np.uint8)
+                        .astype(np.float32)) for d in x]) / 255).float().unsqueeze(1)
+    out = A.block_scan(x.clone())
+    assert out.shape == x.shape and float(out.min()) >= 0 and torch.allclose(out.amax((1, 2, 3)), torch.ones(len(x)))
+    # Much closer to the served scan than the digit it came from, and centred as the service centres.
+    assert float((out - served).abs().mean()) < 0.7 * float((x - served).abs().mean())
+    idx = torch.arange(28.0)
+    cy, cx = (out[:, 0].sum(2) * idx).sum(1) / mass(out), (out[:, 0].sum(1) * idx).sum(1) / mass(out)
+    assert float((cy - 14).abs().max()) < 0.5 and float((cx - 14).abs().max()) < 0.5
+    # A blank image stays blank.
+    assert torch.equal(A.block_scan(torch.zeros(2, 1, 28, 28)), torch.zeros(2, 1, 28, 28))
 
 
 def test_broken_strokes_only_take_ink_away_along_a_line(batch):

@@ -1,0 +1,47 @@
+"""The guard test's two runs (tests/training/test_handwriting_guard.py) over several seeds, to set
+its FLOOR and MARGIN: UCI accuracy of the `handwriting` recipe and of plain training, one line per
+seed, also appended to runs/guard.jsonl.  UCI is a test set: this measures a gain, it tunes nothing.
+
+    OMP_NUM_THREADS=1 python benchmarks/guard_seeds.py LIMIT EPOCHS SEED... [--set knob=value ...]
+"""
+import dataclasses
+import json
+import resource
+import sys
+import tempfile
+from pathlib import Path
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "training"), str(ROOT)]
+import numpy as np
+import imagesets as S
+from serving import preprocess as pp
+import test_handwriting_guard as G
+from training.data import load
+
+args = [a for a in sys.argv[1:]]
+sets = {}
+if "--set" in args:
+    i = args.index("--set")
+    for kv in args[i + 1:]:
+        k, v = kv.split("="); sets[k] = float(v)
+    args = args[:i]
+limit, epochs, seeds = int(args[0]), int(args[1]), [int(s) for s in args[2:]]
+mnist = load(verbose=False)
+items = list(S.uci_set(S.uci_digits_path(), "scan"))
+pixels, _ = pp.decode_many([b for b, _ in items])
+uci = (pixels, np.array([l for _, l in items]))
+recipe, plain = G.recipes(epochs)
+if sets:
+    recipe = dataclasses.replace(recipe, **sets)
+for seed in seeds:
+    with tempfile.TemporaryDirectory() as d:
+        t = resource.getrusage(resource.RUSAGE_SELF)
+        a = G.uci_accuracy(recipe, mnist, uci, Path(d) / "r", seed, limit)
+        b = G.uci_accuracy(plain, mnist, uci, Path(d) / "p", seed, limit)
+        u = resource.getrusage(resource.RUSAGE_SELF)
+    row = dict(limit=limit, epochs=epochs, seed=seed, sets=sets, recipe=a, plain=b, gain=a - b,
+               cpu_s=round(u.ru_utime + u.ru_stime - t.ru_utime - t.ru_stime, 1))
+    print(json.dumps(row), flush=True)
+    (ROOT / "runs").mkdir(exist_ok=True)
+    with open(ROOT / "runs" / "guard.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
