@@ -4,6 +4,7 @@ seed, also appended to runs/guard.jsonl.  UCI is a test set: this measures a gai
 
     OMP_NUM_THREADS=1 python benchmarks/guard_seeds.py LIMIT EPOCHS SEED... [--set knob=value ...]
 """
+import argparse
 import dataclasses
 import json
 import resource
@@ -11,21 +12,21 @@ import sys
 import tempfile
 from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "training"), str(ROOT)]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "training"), str(ROOT), str(ROOT / "benchmarks")]
 import numpy as np
 import imagesets as S
 from serving import preprocess as pp
 import test_handwriting_guard as G
 from training.data import load
+from tune_sets import parse_overrides
 
-args = [a for a in sys.argv[1:]]
-sets = {}
-if "--set" in args:
-    i = args.index("--set")
-    for kv in args[i + 1:]:
-        k, v = kv.split("="); sets[k] = float(v)
-    args = args[:i]
-limit, epochs, seeds = int(args[0]), int(args[1]), [int(s) for s in args[2:]]
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("limit", type=int, help="MNIST training digits per run")
+ap.add_argument("epochs", type=int)
+ap.add_argument("seeds", type=int, nargs="+")
+ap.add_argument("--set", action="append", default=[], help="a Config field=value over the recipe")
+args = ap.parse_args()
+limit, epochs, seeds, sets = args.limit, args.epochs, args.seeds, parse_overrides(args.set)
 mnist = load(verbose=False)
 items = list(S.uci_set(S.uci_digits_path(), "scan"))
 pixels, _ = pp.decode_many([b for b, _ in items])

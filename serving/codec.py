@@ -297,12 +297,16 @@ def bytes_tensor(rows: Iterable[Iterable[str]]) -> bytes:
 def output_tensor(name: str, k: int, logits: np.ndarray, probs: np.ndarray, labels: Sequence[str], raw: bool = True):
     """(name, datatype, shape, data) of one requested output: data as raw bytes, or (raw=False)
     as a flat list of values (JSON)."""
+    return (name, *output_spec(k, len(logits)), output_data(name, k, logits, probs, labels, raw))
+
+
+def output_data(name: str, k: int, logits: np.ndarray, probs: np.ndarray, labels: Sequence[str], raw: bool = True):
+    """One requested output's data: raw bytes, or (raw=False) a flat list of values."""
     values = logits if name == OUTPUT_NAMES[0] else probs
-    datatype, shape = output_spec(k, len(values))
     if not k:
-        return name, datatype, shape, values.astype("<f4", copy=False).tobytes() if raw else values.ravel().tolist()
+        return values.astype("<f4", copy=False).tobytes() if raw else values.ravel().tolist()
     rows = classification(values, k, labels)
-    return name, datatype, shape, bytes_tensor(rows) if raw else [s for row in rows for s in row]
+    return bytes_tensor(rows) if raw else [s for row in rows for s in row]
 
 
 def output_spec(k: int, n: int) -> tuple[str, list[int]]:
@@ -328,7 +332,7 @@ def response(request: pb.ModelInferRequest, outputs: list[tuple[str, int]], logi
         rid = request.id.encode()
         parts += (_field_head(_RESPONSE_ID, len(rid)), rid)
     for (name, k), raw_head in zip(outputs, raw_heads):
-        raw = output_tensor(name, k, logits, probs, labels)[3]
+        raw = output_data(name, k, logits, probs, labels)
         parts += (raw_head or _field_head(_RESPONSE_RAW, len(raw)), raw)
     return b"".join(parts)
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from serving.contract import SIDE
+from serving.photo import BOX
 
 from .model import AUGMENT_KNOBS
 
@@ -152,12 +153,12 @@ def block_scan(x: torch.Tensor) -> torch.Tensor:
     idx = torch.arange(size, device=x.device, dtype=v.dtype)
     com = torch.stack([(v.sum(2)[:, 0] * idx).sum(1), (v.sum(3)[:, 0] * idx).sum(1)], 1) / mass.view(-1, 1)
     # Output at twice the size, then 2x2 averaged (a box filter, as serving.photo's fit): the ink's
-    # longest side becomes 2 * BOX output pixels and the centre of mass lands on pixel CENTRE.
-    box, centre_px = 20, side // 2
-    r = longest_v / (2 * box)  # input pixels per output pixel of the doubled frame
+    # longest side becomes 2 * BOX pixels of the doubled frame and the centre of mass lands on pixel centre_px.
+    centre_px = side // 2
+    r = longest_v / (2 * BOX)  # input pixels per output pixel of the doubled frame
     # The doubled frame's pixel index q <-> input pixel com + (q - (2 * centre_px + 0.5)) * r; the frame's
     # centre (index side - 0.5) is then input pixel com + (side - 1 - 2 * centre_px) * r.
-    mid = com + ((side - 0.5) - (2 * centre_px + 0.5)).__float__() * r.view(-1, 1)
+    mid = com + ((side - 0.5) - (2 * centre_px + 0.5)) * r.view(-1, 1)
     grid = F.affine_grid(_crop_theta(mid, r * 2 * side, size), [n, 1, 2 * side, 2 * side], align_corners=False)
     out = F.avg_pool2d(F.grid_sample(v, grid, align_corners=False, padding_mode="zeros"), 2)
     out = out / out.amax((2, 3), keepdim=True).clamp_min(1e-3)

@@ -288,3 +288,33 @@ def test_a_gpu_build_shadowed_by_the_cpu_one_is_named_with_its_fix(monkeypatch, 
     monkeypatch.setattr(model.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     caplog.clear()
     assert model.default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"] and not caplog.text
+
+
+def test_access_log_formats_its_lines_at_flush_and_gives_each_unnamed_call_its_own_id():
+    """AccessLog.write keeps fields; flush writes one line per call, a client's id as it came and
+    a fresh id (`<pid hex>-<n>`) for each call that had none."""
+    import asyncio
+    import io
+    import os
+    import re
+
+    from serving.api.common import AccessLog
+
+    async def three_calls():  # in a running loop, as a server's: the flush is timed, not at once
+        log = AccessLog(stream=out)
+        log.write(None, "inference.GRPCInferenceService.ModelInfer", "OK", 1, 0.000512)
+        log.write("client-7", "inference.GRPCInferenceService.ModelInfer", "INVALID_ARGUMENT", 0, 0.0001)
+        log.write(None, "inference.GRPCInferenceService.ModelInfer", "OK", 64, 0.0123)
+        assert out.getvalue() == ""  # nothing formatted or written before the flush
+        log.flush()
+
+    out = io.StringIO()
+    asyncio.run(three_calls())
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3
+    line = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z access id=(\S+) method=(\S+) code=(\S+) images=(\d+) ms=([\d.]+)$")
+    fields = [line.fullmatch(text).groups() for text in lines]
+    ids = [f[0] for f in fields]
+    assert ids[1] == "client-7"
+    assert ids[0] != ids[2] and all(i.startswith(f"{os.getpid():x}-") for i in (ids[0], ids[2]))
+    assert [(f[2], f[3], f[4]) for f in fields] == [("OK", "1", "0.512"), ("INVALID_ARGUMENT", "0", "0.100"), ("OK", "64", "12.300")]
