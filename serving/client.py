@@ -160,7 +160,7 @@ class Client(Classifier):
         try:
             answers: Iterator[Prediction] = iter(())
             while True:
-                token = feed.next_token()
+                token = feed.next_token(stream.revive)
                 if token is END:
                     return
                 if token is not None:  # this item failed before it could be sent

@@ -23,6 +23,7 @@ from .predictions import ClientError, Item, Prediction, _flat
 
 
 END = object()  # next_token(): every item has been answered
+IDLE_S = 0.25  # how often a caller waiting for its next item checks that the stream is alive
 
 
 # A whole request refused with these is sent again (within the timeout): the server is busy, not
@@ -88,6 +89,19 @@ class Stream:
                 raise ClientError("INTERNAL",
                                   f"the server answered {len(resp.predictions)} predictions for {n} images", self.address)
             return map(wire.from_proto, resp.predictions)
+
+    def revive(self) -> None:
+        """Called while the caller waits for its next item.  gRPC stops pulling requests once a
+        call has ended, so a stream that ended with nothing in flight (the server gone between
+        answering the last request and gRPC asking for the next) would leave the feed waiting
+        forever: open a new one, or raise the stream's error."""
+        if self._feed.in_flight() or not self._call.done():
+            return
+        if self._call.code() != grpc.StatusCode.UNAVAILABLE:
+            self.next_answers()  # raises the stream's error (or "ended early")
+        self._watchdog.stop()
+        self._feed.rewind()  # a batch being read for the old stream goes to the new one
+        self._open()
 
     def close(self) -> None:
         self._watchdog.stop()
@@ -203,11 +217,15 @@ class Feed:
 
     # -- the caller's thread ---------------------------------------------------------------
 
-    def next_token(self):
-        with self._cond:
-            self._cond.wait_for(lambda: self._tokens or self._done)
-            if self._tokens:
-                return self._tokens.popleft()
+    def next_token(self, idle=lambda: None):
+        """The next item's token, or END; `idle()` is called every IDLE_S seconds of waiting."""
+        while True:
+            with self._cond:
+                if self._cond.wait_for(lambda: self._tokens or self._done, IDLE_S):
+                    if self._tokens:
+                        return self._tokens.popleft()
+                    break
+            idle()
         self.raise_source_error()
         return END
 

@@ -176,6 +176,79 @@ def test_stream_survives_a_server_restart(process_server, mnist, predict):
     assert state["restarted"] and out == predict(x).tolist()
 
 
+class _EndedStream(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return "Socket closed"
+
+
+class _Call:
+    """A ClassifyStream call as gRPC's sync API runs one: a thread pulls the request iterator and
+    stops pulling for good once the call has ended.  This one answers `answer` requests (each
+    prediction's probability is the image's first pixel, so the order shows) and then ends
+    UNAVAILABLE, as a server killed just after answering would."""
+
+    def __init__(self, requests, answer: int | None):
+        import queue
+        from protos.network3.v1 import classifier_pb2 as pb
+
+        self._q, self._code = queue.Queue(), None
+
+        def pull():
+            for i, r in enumerate(requests):
+                self._q.put(pb.ClassifyResponse(predictions=[
+                    pb.Prediction(digit=0, probability=im.pixels[0]) for im in r.images]))
+                if answer is not None and i + 1 == answer:
+                    self._code = grpc.StatusCode.UNAVAILABLE
+                    self._q.put(_EndedStream())
+                    return  # gRPC asks for no more requests once the call has ended
+            self._code = grpc.StatusCode.OK
+            self._q.put(StopIteration())
+
+        threading.Thread(target=pull, daemon=True).start()
+
+    def __next__(self):
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            self._q.put(item)
+            raise item
+        return item
+
+    def done(self):
+        return self._code is not None
+
+    def code(self):
+        return self._code
+
+    def cancel(self):
+        pass
+
+
+def test_a_stream_that_ends_with_nothing_in_flight_is_opened_again():
+    """The server goes away just after answering every request in flight: gRPC then stops
+    pulling requests, and the caller is waiting for its next item, not for an answer, so no
+    error reaches it.  The client must notice and open a new stream rather than wait forever
+    (it did wait: a `network3 classify` job hung in CI, 2026-12-02)."""
+    calls = []
+
+    def classify_stream(requests, metadata=None):
+        calls.append(_Call(requests, answer=1 if not calls else None))
+        return calls[-1]
+
+    images = [np.full((28, 28), k, np.uint8) for k in range(40)]
+    out: list = []
+    with Client("127.0.0.1:1", timeout=5) as c:
+        c._stub = type("Stub", (), {"ClassifyStream": staticmethod(classify_stream)})()
+        job = threading.Thread(target=lambda: out.extend(c.classify_stream(images, batch_size=10, window=1)),
+                               daemon=True)
+        job.start()
+        job.join(10)
+    assert not job.is_alive(), "the job waited for a stream that had ended"
+    assert [p.probability for p in out] == list(range(40)) and len(calls) == 2
+
+
 def test_a_server_gone_for_good_ends_the_stream_as_unreachable(process_server, mnist):
     s = process_server("--no-access-log")
 

@@ -91,7 +91,11 @@ def test_classify_job_rides_out_a_server_killed_and_restarted(process_server, sa
         time.sleep(0.5)
         process_server("--no-access-log", "--port", str(port))
         restarted.set()
-        code = proc.wait(120)  # never hangs
+        try:
+            code = proc.wait(120)  # never hangs
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the job hung after {out_path.read_text().count(chr(10))} of {len(files)} rows; "
+                                 f"its stderr: {err_path.read_text()!r}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
