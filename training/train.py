@@ -279,6 +279,32 @@ def split_accuracy(net: torch.nn.Module, device: torch.device, mnist: data_mod.M
     return float((scores(torch_predict(net, device), x).argmax(1) == y).mean())
 
 
+def forward_backward(run: Run, xb: torch.Tensor, yb: torch.Tensor, augment: bool,
+                     cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment a batch, run the net and put the loss's gradients in the parameters' .grad
+    (added to what is there).  Returns the loss and the logits.  `cache=False` for a CUDA graph's
+    capture, where autocast must not keep the casts of the weights between steps."""
+    if augment:
+        xb = augment_batch(xb, yb, run.cfg, run.aug_gen)
+    xb = xb.contiguous(memory_format=run.fmt)
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.use_amp, cache_enabled=cache):
+        logits = run.model(xb)
+        loss = loss_fn(run.cfg, logits.float(), yb)
+    loss.backward()
+    return loss, logits
+
+
+def train_step(run: Run, xb: torch.Tensor, yb: torch.Tensor, augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step on one batch: gradients, the optimiser, the schedule, the average."""
+    run.opt.zero_grad(set_to_none=True)
+    loss, logits = forward_backward(run, xb, yb, augment)
+    run.opt.step()
+    run.sched.step()
+    if run.ema:
+        run.ema.update(run.sched.last_epoch)  # the scheduler counts steps, and resumes with them
+    return loss, logits
+
+
 def train_epoch(run: Run, loader: DeviceLoader, epoch: int, progress: Progress,
                 check: Callable[[float], bool] | None = None, checks: int = 1) -> dict:
     """One pass over `loader`, a step per batch; adds its training time to run.train_seconds.
@@ -298,18 +324,7 @@ def train_epoch(run: Run, loader: DeviceLoader, epoch: int, progress: Progress,
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen, stopped, paused = 0, False, 0.0
     for step, (xb, yb) in enumerate(loader):
-        if augment:
-            xb = augment_batch(xb, yb, cfg, run.aug_gen)
-        xb = xb.contiguous(memory_format=run.fmt)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.use_amp):
-            logits = model(xb)
-            loss = loss_fn(cfg, logits.float(), yb)
-        run.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        run.opt.step()
-        run.sched.step()
-        if run.ema:
-            run.ema.update(run.sched.last_epoch)  # the scheduler counts steps, and resumes with them
+        loss, logits = train_step(run, xb, yb, augment)
         loss_sum += loss.detach() * len(yb)
         correct += (logits.argmax(1) == yb).sum()
         seen += len(yb)
