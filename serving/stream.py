@@ -94,8 +94,10 @@ class Stream:
         """Called while the caller waits for its next item.  gRPC stops pulling requests once a
         call has ended, so a stream that ended with nothing in flight (the server gone between
         answering the last request and gRPC asking for the next) would leave the feed waiting
-        forever: open a new one, or raise the stream's error."""
-        if self._feed.in_flight() or not self._call.done():
+        forever: open a new one, or raise the stream's error.  Not while a reader is waiting for
+        the caller's next items: its batch will meet the ended call and the error will come back
+        the usual way (and a server that stays down costs one new stream, not one per check)."""
+        if self._feed.in_flight() or self._feed.reading() or not self._call.done():
             return
         if self._call.code() != grpc.StatusCode.UNAVAILABLE:
             self.next_answers()  # raises the stream's error (or "ended early")
@@ -234,6 +236,10 @@ class Feed:
             request = self._pending.popleft()
             self._cond.notify_all()
             return request
+
+    def reading(self) -> bool:
+        """A reader is waiting for the caller's items (or turning them into a request)."""
+        return self._read_lock.locked()
 
     def in_flight(self) -> int:
         with self._cond:

@@ -188,15 +188,22 @@ class _Call:
     """A ClassifyStream call as gRPC's sync API runs one: a thread pulls the request iterator and
     stops pulling for good once the call has ended.  This one answers `answer` requests (each
     prediction's probability is the image's first pixel, so the order shows) and then ends
-    UNAVAILABLE, as a server killed just after answering would."""
+    UNAVAILABLE, as a server killed just after answering would; with `answer` 0 the server is
+    down: the call has failed before its thread asks for the first request.  None: all."""
 
     def __init__(self, requests, answer: int | None):
         import queue
         from protos.network3.v1 import classifier_pb2 as pb
 
         self._q, self._code = queue.Queue(), None
+        if answer == 0:
+            self._code = grpc.StatusCode.UNAVAILABLE
+            self._q.put(_EndedStream())
 
         def pull():
+            if answer == 0:
+                next(requests, None)  # what it is given is never sent
+                return
             for i, r in enumerate(requests):
                 self._q.put(pb.ClassifyResponse(predictions=[
                     pb.Prediction(digit=0, probability=im.pixels[0]) for im in r.images]))
@@ -247,6 +254,32 @@ def test_a_stream_that_ends_with_nothing_in_flight_is_opened_again():
         job.join(10)
     assert not job.is_alive(), "the job waited for a stream that had ended"
     assert [p.probability for p in out] == list(range(40)) and len(calls) == 2
+
+
+def test_a_server_down_while_the_job_waits_for_its_items_costs_one_stream():
+    """The server answers the first request and goes away, and stays down for the 2 s the
+    caller's next items take to come: the client opens one stream to find it down (whose reader
+    then waits for the items), not one per check; once the items come and the server is back,
+    every image is answered, in order."""
+    back, calls = threading.Event(), []
+
+    def classify_stream(requests, metadata=None):
+        calls.append(_Call(requests, answer=1 if not calls else None if back.is_set() else 0))
+        return calls[-1]
+
+    def items():
+        for k in range(20):
+            if k == 10:
+                time.sleep(2)  # eight checks of the stream pass meanwhile
+                back.set()
+            yield np.full((28, 28), k, np.uint8)
+
+    with Client("127.0.0.1:1", timeout=5) as c:
+        c._stub = type("Stub", (), {"ClassifyStream": staticmethod(classify_stream)})()
+        out = list(c.classify_stream(items(), batch_size=10, window=1))
+    assert [p.probability for p in out] == list(range(20))
+    # answered one request; down, found once (twice if a check beats the new reader to the items); back
+    assert 3 <= len(calls) <= 4
 
 
 def test_a_server_gone_for_good_ends_the_stream_as_unreachable(process_server, mnist):
