@@ -45,10 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from serving.contract import SCALE  # noqa: E402
 from training.data import load  # noqa: E402
-from training.model import Network3  # noqa: E402
 from training.presets import get  # noqa: E402
-from training.train import (RunOptions, forward_backward, make_optimizer, new_run, pick_device,  # noqa: E402
-                            split_accuracy, steps_per_epoch, train_step, training_data)
+from training.train import (DeviceLoader, Ema, Run, RunOptions, augmented, forward_backward,  # noqa: E402
+                            make_optimizer, new_run, pick_device, split_accuracy, train_step, training_data)
 
 TARGETS = (0.990, 0.995, 0.996)
 ROUNDING_STEPS = 4  # check: steps over which the device-side SGD must match the trainer's to rounding
@@ -62,21 +61,27 @@ def sync(device: torch.device) -> None:
 # ------------------------------------------------------------ network3's step, two ways ----
 
 class Eager:
-    """training.train's own step over the preset's data, reset to a seed's fresh run."""
+    """training.train's own step over the preset's data (its DeviceLoader), reset to a seed's
+    fresh run."""
 
     def __init__(self, preset: str, mnist, device: torch.device, compiled: bool = False, limit: int | None = None):
         self.cfg, self.mnist, self.device, self.compiled = get(preset), mnist, device, compiled
-        x, y = training_data(self.cfg, RunOptions(out=Path("."), device=device.type, limit_train=limit), mnist)
-        self.x = torch.from_numpy(np.ascontiguousarray(x)).to(device).unsqueeze(1)
-        self.y = torch.from_numpy(y.astype(np.int64)).to(device)
-        self.spe = steps_per_epoch(len(x), self.cfg.batch_size)
+        x, y = training_data(self.cfg, RunOptions(out=Path("."), limit_train=limit), mnist)
+        self.loader = DeviceLoader(x, y, self.cfg.batch_size, device, self.cfg.shuffle, None)
+        self.spe = len(self.loader)
         self.steps = self.spe * self.cfg.epochs
         self.model = None
 
+    def fresh(self, seed: int) -> Run:
+        """A seed's new run, made as training.train.fit makes it (the net's initial weights from
+        the seeded global generator); the loader then shuffles with its generator."""
+        torch.manual_seed(seed)
+        run = new_run(self.cfg, RunOptions(out=Path("."), seed=seed), self.device, self.steps)
+        self.loader.gen = run.gen
+        return run
+
     def reset(self, seed: int) -> None:
-        torch.manual_seed(seed)  # as training.train.fit: the net's initial weights come from here
-        self.run = new_run(self.cfg, RunOptions(out=Path("."), device=self.device.type, seed=seed), self.device,
-                           self.steps)
+        self.run = self.fresh(seed)
         if self.compiled:
             # One compiled net for every seed (a new module would compile again): the seed's
             # fresh weights go into it, and the run's optimiser and average point at it.
@@ -87,21 +92,20 @@ class Eager:
                 self.run.model = self.model
                 self.run.opt, self.run.sched = make_optimizer(self.cfg, self.model, self.steps)
                 if self.run.ema:
-                    self.run.ema = type(self.run.ema)(self.model, self.cfg.ema)
+                    self.run.ema = Ema(self.model, self.cfg.ema)
             self.run.model = self.compiled_model
 
     def net(self) -> torch.nn.Module:
         return self.run.net
 
     def step(self, k: int) -> None:
-        b, i = self.cfg.batch_size, k % self.spe
-        if i == 0:
-            self.order = torch.randperm(len(self.x), generator=self.run.gen).to(self.device)
-        idx = self.order[i * b:(i + 1) * b]
-        train_step(self.run, self.x[idx].float().mul_(SCALE), self.y[idx], self.augmented(k))
+        if k % self.spe == 0:
+            self.batches = iter(self.loader)
+        xb, yb = next(self.batches)
+        train_step(self.run, xb, yb, self.augmented(k))
 
     def augmented(self, k: int) -> bool:
-        return self.cfg.augment == "affine" and k // self.spe < self.cfg.epochs - self.cfg.clean_epochs
+        return augmented(self.cfg, k // self.spe)
 
 
 class Graphed(Eager):
@@ -116,8 +120,7 @@ class Graphed(Eager):
         self.exact = exact
         if self.cfg.optimizer not in ("sgd", "nesterov"):
             raise SystemExit(f"graphed: {self.cfg.optimizer} is not a plain SGD")
-        super().reset(0)
-        run = self.run
+        self.run = run = self.fresh(0)
         # The persistent tensors the graph reads and writes: every seed copies its start into them.
         self.params = [[p for p in g["params"]] for g in run.opt.param_groups]
         self.decay = [g["weight_decay"] for g in run.opt.param_groups]
@@ -147,8 +150,8 @@ class Graphed(Eager):
             moms.append(groups[0]["momentum"])
             opt.step()  # no gradients: nothing moves; the scheduler wants a step before its own
             sched.step()
-        ema = self.cfg.ema or 0.0
-        weights = self.ema_list = [1 - min(ema, (1 + k) / (10 + k)) for k in range(1, self.steps + 1)]
+        ema = self.run.ema
+        weights = self.ema_list = [ema.weight(k) if ema else 0.0 for k in range(1, self.steps + 1)]
         as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=self.device)  # noqa: E731
         return as_tensor(lrs), as_tensor(moms), as_tensor(weights)
 
@@ -195,8 +198,8 @@ class Graphed(Eager):
         run = self.run
         torch._foreach_zero_([p.grad for p in run.model.parameters()])
         idx = self.order.index_select(0, self.i.view(1)).view(-1)
-        forward_backward(run, self.x.index_select(0, idx).float().mul_(SCALE), self.y.index_select(0, idx), augment,
-                         cache=False)
+        x, y = self.loader.x, self.loader.y
+        forward_backward(run, x.index_select(0, idx).float().mul_(SCALE), y.index_select(0, idx), augment, cache=False)
         self._sgd()
         if run.ema:
             self._average()
@@ -235,35 +238,31 @@ class Graphed(Eager):
                 t.copy_(v)
 
     def state(self) -> list[torch.Tensor]:
-        run = self.run
-        nets = [run.model] + ([run.ema.module] if run.ema else [])
-        return [t for n in nets for t in n.state_dict().values()] + [b for bs in self.bufs for b in bs] + [self.i, self.k]
+        """What a step reads and writes, in place: the weights, the average, momentum, counters."""
+        return _weights(self.run) + [b for bs in self.bufs for b in bs] + [self.i, self.k]
 
     def reset(self, seed: int) -> None:
-        torch.manual_seed(seed)
-        fresh = Network3(self.cfg)  # the seed's initial weights, drawn as training.train draws them
-        run = self.run
-        with torch.no_grad():
-            for net in [run.model] + ([run.ema.module] if run.ema else []):
-                for t, v in zip(net.state_dict().values(), fresh.state_dict().values()):
-                    t.copy_(v)
-            for bs in self.bufs:
-                torch._foreach_zero_(bs)
-            self.k.zero_()
-        run.gen.manual_seed(seed)  # the shuffle (and, on a CPU, the augmentation) as in training.train
+        fresh, run = self.fresh(seed), self.run
+        zeros = [torch.zeros_like(t) for t in self.state()[len(_weights(run)):]]
+        self.restore(_weights(fresh) + zeros)
+        run.gen = fresh.gen  # the loader's shuffle (and, on a CPU, the augmentation) as in training.train
         if self.device.type != "cuda":
-            run.aug_gen = run.gen
+            run.aug_gen = fresh.aug_gen
 
     def step(self, k: int) -> None:
         if k % self.spe == 0:
-            order = torch.randperm(len(self.x), generator=self.run.gen).to(self.device)
-            self.order.copy_(order[:self.spe * self.cfg.batch_size].view(self.spe, -1))
+            self.order.copy_(self.loader.order()[:self.spe * self.cfg.batch_size].view(self.spe, -1))
             self.i.zero_()
         augment = self.augmented(k)
         if self.graphs:
             self.graphs[augment].replay()
         else:
             self.body(augment)
+
+
+def _weights(run: Run) -> list[torch.Tensor]:
+    nets = [run.model] + ([run.ema.module] if run.ema else [])
+    return [t for net in nets for t in net.state_dict().values()]
 
 
 class HostReads(TorchDispatchMode):

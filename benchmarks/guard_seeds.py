@@ -13,9 +13,7 @@ import tempfile
 from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "training"), str(ROOT), str(ROOT / "benchmarks")]
-import numpy as np
 import imagesets as S
-from serving import preprocess as pp
 import test_handwriting_guard as G
 from training.data import load
 from tune_sets import parse_overrides
@@ -28,9 +26,7 @@ ap.add_argument("--set", action="append", default=[], help="a Config field=value
 args = ap.parse_args()
 limit, epochs, seeds, sets = args.limit, args.epochs, args.seeds, parse_overrides(args.set)
 mnist = load(verbose=False)
-items = list(S.uci_set(S.uci_digits_path(), "scan"))
-pixels, _ = pp.decode_many([b for b, _ in items])
-uci = (pixels, np.array([l for _, l in items]))
+uci = G.read_uci(S.uci_digits_path())
 recipe, plain = G.recipes(epochs)
 if sets:
     recipe = dataclasses.replace(recipe, **sets)

@@ -76,20 +76,23 @@ def compute(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     return logits, probs, now() - t0
 
 
-async def run_alone(pool, model, x: np.ndarray, stats: Stats, t0: float, inline: bool = False):
-    """One request as its own onnxruntime call (a good batch already, or --no-batching), in an
-    executor thread or, `inline`, on this thread: (logits, probabilities, model), counted as a
-    batch of one request."""
-    if inline:
-        return ran_alone(model, x, stats, 0.0, compute(model, x))
+async def run_alone(pool, model, x: np.ndarray, stats: Stats, t0: float):
+    """One request as its own onnxruntime call (a good batch already, or --no-batching) in an
+    executor thread: (logits, probabilities, model), counted as a batch of one request."""
     logits, probs, seconds = outcome = await asyncio.wrap_future(pool.submit(compute, model, x))
     return ran_alone(model, x, stats, max(0.0, now() - t0 - seconds), outcome)  # waited for a thread
 
 
+def run_inline(model, x: np.ndarray, stats: Stats) -> tuple:
+    """One small request computed at once on the event loop's thread, as run_alone counts it.
+    A plain function: nothing else runs on the loop meanwhile (so no count of it in flight is
+    needed), and the call costs no coroutine."""
+    return ran_alone(model, x, stats, 0.0, compute(model, x))
+
+
 def ran_alone(model, x: np.ndarray, stats: Stats, waited: float, outcome: tuple) -> tuple:
     """Count a request computed on its own (`outcome`: compute's) after `waited` seconds in
-    the queue; (logits, probabilities, model).  A plain function, so that a request run
-    inline on the event loop costs no coroutine."""
+    the queue; (logits, probabilities, model)."""
     logits, probs, seconds = outcome
     stats.queue.observe(waited)
     stats.record_batch(len(x), 1, seconds)
@@ -161,12 +164,11 @@ class DynamicBatcher:
             t0 = now()
             if deadline is not None and t0 > deadline:
                 raise deadline_passed(self.stats)
-            model = self.model
-            if n <= o.inline_max:  # computed before anything else runs on this loop: no count of it in flight
-                return ran_alone(model, x, self.stats, 0.0, compute(model, x))
+            if n <= o.inline_max:
+                return run_inline(self.model, x, self.stats)
             self._alone += n
             try:
-                return await run_alone(self._pool, model, x, self.stats, t0)
+                return await run_alone(self._pool, self.model, x, self.stats, t0)
             finally:
                 self._alone -= n
         loop = asyncio.get_running_loop()

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from .batcher import BatcherOptions, deadline_passed, run_alone
+from .batcher import BatcherOptions, deadline_passed, run_alone, run_inline
 from .errors import Overloaded, Unavailable
 from .metrics import Stats
 
@@ -41,9 +41,11 @@ class Unbatched:
             self.stats.rejected_images += n
             raise Overloaded(f"queue full: {self._images} images in flight, {n} more would pass "
                              f"--max-queue-size {o.max_queue_size}")
+        if n <= o.inline_max:
+            return run_inline(self.model, x, self.stats)
         self._images += n
         try:
-            return await run_alone(self._pool, self.model, x, self.stats, t0, inline=n <= o.inline_max)
+            return await run_alone(self._pool, self.model, x, self.stats, t0)
         finally:
             self._images -= n
 

@@ -96,10 +96,14 @@ class DeviceLoader:
     def __len__(self) -> int:
         return self.steps
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n, b = len(self.x), self.batch_size
-        order = torch.randperm(n, generator=self.gen).to(self.device) if self.shuffle \
+    def order(self) -> torch.Tensor:
+        """A pass's order of the images (a draw from `gen` when shuffling)."""
+        n = len(self.x)
+        return torch.randperm(n, generator=self.gen).to(self.device) if self.shuffle \
             else torch.arange(n, device=self.device)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order, b = self.order(), self.batch_size
         for step in range(len(self)):
             idx = order[step * b:(step + 1) * b]
             yield self.x[idx].float().mul_(SCALE), self.y[idx]
@@ -142,10 +146,13 @@ class Ema:
                   if a.is_floating_point()]
         self._pairs = ([a for a, _ in floats], [b for _, b in floats])
 
+    def weight(self, step: int) -> float:
+        """How far the average moves towards the weights after `step` steps."""
+        return 1 - min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
     def update(self, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(*self._pairs, 1 - decay)
+        torch._foreach_lerp_(*self._pairs, self.weight(step))
 
 
 # ------------------------------------------------------------ progress ----
@@ -279,6 +286,11 @@ def split_accuracy(net: torch.nn.Module, device: torch.device, mnist: data_mod.M
     return float((scores(torch_predict(net, device), x).argmax(1) == y).mean())
 
 
+def augmented(cfg: Config, epoch: int) -> bool:
+    """Whether the config augments its batches in this (0-based) epoch: not in the last clean ones."""
+    return cfg.augment == "affine" and epoch < cfg.epochs - cfg.clean_epochs
+
+
 def forward_backward(run: Run, xb: torch.Tensor, yb: torch.Tensor, augment: bool,
                      cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment a batch, run the net and put the loss's gradients in the parameters' .grad
@@ -315,7 +327,7 @@ def train_epoch(run: Run, loader: DeviceLoader, epoch: int, progress: Progress,
     the checks took.
     """
     cfg, model, device = run.cfg, run.model, run.device
-    augment = cfg.augment == "affine" and epoch < cfg.epochs - cfg.clean_epochs
+    augment = augmented(cfg, epoch)
     steps = len(loader)
     every = steps // checks if checks > 1 else 0
     model.train()

@@ -36,15 +36,20 @@ FLOOR = 0.89  # the recipe's lowest was 90.4%
 MARGIN = 0.01  # 18 of 1,797 digits; the smallest gain was 1.8 points.  Knobs that did nothing: 0
 
 
+def read_uci(path) -> tuple[np.ndarray, np.ndarray]:
+    """UCI's digits as 8x8 scans through the service's decoding: (pixels, labels)."""
+    items = list(S.uci_set(path, "scan"))
+    pixels, errors = pp.decode_many([b for b, _ in items])
+    assert not any(errors)
+    return pixels, np.array([label for _, label in items])
+
+
 @pytest.fixture(scope="module")
 def uci_scans() -> tuple[np.ndarray, np.ndarray]:
     path = S.uci_digits_path()
     if path is None:
         pytest.skip("UCI digits not fetched: run `python tests/uci.py` (make test does)")
-    items = list(S.uci_set(path, "scan"))
-    pixels, errors = pp.decode_many([b for b, _ in items])
-    assert not any(errors)
-    return pixels, np.array([label for _, label in items])
+    return read_uci(path)
 
 
 def uci_accuracy(cfg, mnist, uci, out, seed: int = SEED, limit: int = LIMIT) -> float:
